@@ -1,0 +1,1 @@
+from .backbones import DAT  # noqa: F401  registers the backbone

@@ -1,0 +1,328 @@
+"""Deformable Attention Transformer backbone (DAT, CVPR 2022, and DAT++)."""
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+from torch.nn.init import trunc_normal_
+
+from ..layers import (ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
+                      WindowAttention)
+from ..layers.deformable_attention import FLAVORS
+
+SPEC_LETTERS = {
+    'L': 'window attention',
+    'S': 'shifted-window attention',
+    'N': 'neighborhood attention',
+    'D': 'deformable attention',
+}
+
+_V1 = dict(
+    flavor='v1',
+    window_size=7,
+    neighborhood_size=7,
+    key_strides=(1, 1, 1, 1),
+    offset_range_factors=(-1, -1, 2, 2),
+    offset_kernel_sizes=(9, 7, 5, 3),
+    position_tables=(False, False, True, True),
+    overlapping_patches=False,
+    conv_mlp=False,
+    local_perception=False,
+    mlp_ratio=4,
+)
+_PP = dict(
+    flavor='pp',
+    window_size=7,
+    neighborhood_size=7,
+    key_strides=(8, 4, 2, 1),
+    offset_range_factors=(-1, -1, -1, -1),
+    offset_kernel_sizes=(9, 7, 5, 3),
+    position_tables=(True, True, True, True),
+    overlapping_patches=True,
+    conv_mlp=True,
+    local_perception=True,
+    mlp_ratio=4,
+)
+
+#: Presets of the published models. ``stage_specs`` gives one letter per block.
+ARCH_SETTINGS: Dict[str, dict] = {
+    'v1-tiny': dict(_V1, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), groups=(0, 0, 3, 6),
+                    stage_specs=('LS', 'LS', 'LD' * 3, 'LD')),
+    'v1-small': dict(_V1, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), groups=(0, 0, 3, 6),
+                     stage_specs=('LS', 'LS', 'LD' * 9, 'LD')),
+    'v1-base': dict(_V1, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), groups=(0, 0, 4, 8),
+                    stage_specs=('LS', 'LS', 'LD' * 9, 'LD')),
+    'pp-tiny': dict(_PP, embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), groups=(1, 2, 4, 8),
+                    stage_specs=('ND', 'ND' * 2, 'ND' * 9, 'DD')),
+    'pp-small': dict(_PP, embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), groups=(1, 2, 3, 6),
+                     stage_specs=('ND', 'ND' * 2, 'ND' * 9, 'DD')),
+    'pp-base': dict(_PP, embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), groups=(2, 4, 8, 16),
+                    stage_specs=('ND', 'ND' * 2, 'ND' * 9, 'DD')),
+}
+_PER_STAGE = ('embed_dims', 'num_heads', 'groups', 'stage_specs', 'key_strides', 'offset_range_factors',
+              'offset_kernel_sizes', 'position_tables')
+
+
+def resolve_arch(arch: Union[str, dict]) -> dict:
+    """Full architecture settings from a preset name or a dict.
+
+    A dict with a ``preset`` key starts from that preset and overrides its fields; a dict
+    without one must give every field. Inconsistent settings raise ``ValueError`` here, at
+    construction time.
+    """
+    if isinstance(arch, str):
+        if arch not in ARCH_SETTINGS:
+            raise ValueError(f'unknown DAT arch {arch!r}; presets: {sorted(ARCH_SETTINGS)}')
+        settings = copy.deepcopy(ARCH_SETTINGS[arch])
+    elif isinstance(arch, dict):
+        arch = dict(arch)
+        preset = arch.pop('preset', None)
+        settings = resolve_arch(preset) if preset is not None else {}
+        unknown = set(arch) - set(_V1) - set(_PER_STAGE)
+        if unknown:
+            raise ValueError(f'unknown DAT arch fields {sorted(unknown)}; '
+                             f'known: {sorted(set(_V1) | set(_PER_STAGE))}')
+        settings.update(arch)
+        missing = (set(_V1) | set(_PER_STAGE)) - set(settings)
+        if missing:
+            raise ValueError(f'DAT arch dict lacks {sorted(missing)} (or name a `preset` to start from)')
+    else:
+        raise TypeError(f'arch must be a preset name or a dict, got {type(arch).__name__}')
+
+    for name in _PER_STAGE:
+        settings[name] = tuple(settings[name])
+        if len(settings[name]) != 4:
+            raise ValueError(f'DAT arch field {name!r} needs 4 values (one per stage), got {settings[name]}')
+    if settings['flavor'] not in FLAVORS:
+        raise ValueError(f'DAT flavor must be one of {FLAVORS}, got {settings["flavor"]!r}')
+    for i, (dims, heads, groups, spec) in enumerate(zip(settings['embed_dims'], settings['num_heads'],
+                                                        settings['groups'], settings['stage_specs'])):
+        bad = sorted(set(spec) - set(SPEC_LETTERS))
+        if not spec or bad:
+            raise ValueError(f'stage {i}: spec {spec!r} must be a non-empty string of {sorted(SPEC_LETTERS)}')
+        if dims % heads:
+            raise ValueError(f'stage {i}: embed_dims {dims} is not divisible by num_heads {heads}')
+        if 'D' in spec and (groups < 1 or heads % groups):
+            raise ValueError(f'stage {i}: deformable attention needs groups >= 1 dividing num_heads '
+                             f'{heads}, got groups={groups}')
+    return settings
+
+
+class DATBlock(nn.Module):
+    """``x + LPU(x)`` (DAT++), then pre-norm attention and MLP residuals with stochastic depth.
+
+    Args:
+        attn: The token mixer (one of the attention layers).
+        embed_dims: Channels of the block.
+        mlp_ratio: Hidden channels of the MLP over ``embed_dims``.
+        conv_mlp: Use DAT++'s MLP with a depth-wise conv instead of the linear one.
+        local_perception: Add DAT++'s local perception unit (residual 3x3 depth-wise conv).
+        drop_path: Stochastic depth rate.
+        drop: Dropout inside the MLP.
+        with_cp: Recompute the block in the backward pass to save memory.
+    """
+
+    def __init__(self, attn: nn.Module, embed_dims: int, mlp_ratio: float = 4, conv_mlp: bool = False,
+                 local_perception: bool = False, drop_path: float = 0., drop: float = 0., with_cp: bool = False):
+        super().__init__()
+        self.lpu = (nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
+                    if local_perception else None)
+        self.norm1 = LayerNorm2d(embed_dims)
+        self.attn = attn
+        self.norm2 = LayerNorm2d(embed_dims)
+        self.mlp = (ConvMlp if conv_mlp else Mlp)(embed_dims, int(embed_dims * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.with_cp = with_cp
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lpu is not None:
+            x = x + self.lpu(x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and self.training and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class DATStage(nn.Module):
+    """A downsampling layer (all stages but the first) followed by the stage's blocks."""
+
+    def __init__(self, blocks: List[DATBlock], downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
+
+
+class PadToMultiple(nn.Module):
+    """Zero-pads the bottom and right of a map to a multiple of ``size``."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, (-x.shape[-1]) % self.size, 0, (-x.shape[-2]) % self.size))
+
+
+@MODELS.register_module()
+class DAT(BaseModule):
+    """Deformable Attention Transformer: multi-scale backbone of DAT (v1) and DAT++.
+
+    Returns the stages in ``out_indices`` (strides 4, 8, 16, 32; sizes ``ceil(H / stride)``),
+    each through its own LayerNorm (``norm{i}``). Runs at any input size.
+
+    Args:
+        arch: A preset of :data:`ARCH_SETTINGS` (``'v1-tiny'``, ``'v1-small'``, ``'v1-base'``,
+            ``'pp-tiny'``, ``'pp-small'``, ``'pp-base'``) or a dict of settings (see
+            :func:`resolve_arch`), e.g. ``dict(preset='v1-tiny', flavor='pp', key_strides=(1, 1, 2, 1))``.
+        in_channels: Channels of the input image.
+        pretrain_img_size: Image size the position tables were built for (224 for the
+            published checkpoints; 384 for the 384 models).
+        out_indices: Stages to return.
+        drop_rate: Dropout inside the MLPs.
+        attn_drop_rate: Dropout on attention weights.
+        drop_path_rate: Stochastic depth rate, increasing linearly over the blocks.
+        frozen_stages: Freeze the stem (0) and the first ``frozen_stages`` stages with their
+            output norms; -1 freezes nothing.
+        with_cp: Activation checkpointing of every block.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads official DAT / DAT++
+            checkpoints (classification, DAT-Detection, DAT-Segmentation) or mmdat's own.
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'v1-tiny',
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = s = resolve_arch(arch)
+        out_indices = tuple(out_indices)
+        if not out_indices or any(i not in range(4) for i in out_indices):
+            raise ValueError(f'out_indices must be a non-empty subset of (0, 1, 2, 3), got {out_indices}')
+        if frozen_stages not in range(-1, 5):
+            raise ValueError(f'frozen_stages must be in [-1, 4], got {frozen_stages}')
+        self.in_channels = in_channels
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        dims = s['embed_dims']
+
+        if s['overlapping_patches']:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, dims[0] // 2, 3, 2, 1), LayerNorm2d(dims[0] // 2), nn.GELU(),
+                nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), LayerNorm2d(dims[0]))
+        else:
+            self.stem = nn.Sequential(PadToMultiple(4), nn.Conv2d(in_channels, dims[0], 4, 4), LayerNorm2d(dims[0]))
+
+        depths = [len(spec) for spec in s['stage_specs']]
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, spec in enumerate(s['stage_specs']):
+            downsample = None
+            if i > 0:
+                if s['overlapping_patches']:
+                    layers = [nn.Conv2d(dims[i - 1], dims[i], 3, 2, 1, bias=False)]
+                else:
+                    layers = [PadToMultiple(2), nn.Conv2d(dims[i - 1], dims[i], 2, 2, bias=False)]
+                downsample = nn.Sequential(*layers, LayerNorm2d(dims[i]))
+            table = pretrain_img_size // (4 * 2 ** i) if s['position_tables'][i] else None
+            blocks = [
+                DATBlock(self._attention(letter, i, table, attn_drop_rate, drop_rate), dims[i], s['mlp_ratio'],
+                         s['conv_mlp'], s['local_perception'], dpr[sum(depths[:i]) + d], drop_rate, with_cp)
+                for d, letter in enumerate(spec)
+            ]
+            self.stages.append(DATStage(blocks, downsample))
+        for i in out_indices:
+            self.add_module(f'norm{i}', LayerNorm2d(dims[i]))
+
+        self.apply(self._init_layer)
+        self._freeze_stages()
+
+    def _attention(self, letter: str, stage: int, table: Optional[int], attn_drop: float, proj_drop: float):
+        s = self.arch_settings
+        dims, heads = s['embed_dims'][stage], s['num_heads'][stage]
+        if letter in 'LS':
+            return WindowAttention(dims, heads, s['window_size'], letter == 'S', attn_drop, proj_drop)
+        if letter == 'N':
+            return NeighborhoodAttention(dims, heads, s['neighborhood_size'], attn_drop, proj_drop)
+        return DeformableAttention(
+            dims, heads, s['groups'][stage], s['key_strides'][stage], s['offset_kernel_sizes'][stage],
+            s['offset_range_factors'][stage], (table, table) if table else None, s['flavor'], attn_drop, proj_drop)
+
+    @staticmethod
+    def _init_layer(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_weights(self):
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            from .dat_checkpoint import load_dat_checkpoint
+            load_dat_checkpoint(self, self.init_cfg['checkpoint'], logger=MMLogger.get_current_instance())
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        modules = [self.stem] + list(self.stages[:self.frozen_stages])
+        return modules + [getattr(self, f'norm{i}') for i in self.out_indices if i < self.frozen_stages]
+
+    def _freeze_stages(self):
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def _check_input(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'DAT expects a batch of images B x {self.in_channels} x H x W, got {shape}')
+
+    def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Outputs of all four stages, before the output norms."""
+        self._check_input(x)
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        self._check_input(x)
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages[:max(self.out_indices) + 1]):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x))
+        return tuple(outs)

@@ -1,0 +1,7 @@
+from .deformable_attention import DeformableAttention
+from .mlp import ConvMlp, Mlp
+from .neighborhood_attention import NeighborhoodAttention
+from .norm import LayerNorm2d
+from .window_attention import WindowAttention
+
+__all__ = ['DeformableAttention', 'ConvMlp', 'Mlp', 'NeighborhoodAttention', 'LayerNorm2d', 'WindowAttention']

@@ -1,0 +1,161 @@
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.init import trunc_normal_
+
+from .norm import LayerNorm2d
+
+FLAVORS = ('v1', 'pp')
+
+
+def _axis_grid(n: int, centered: bool, flavor: str, device, dtype) -> torch.Tensor:
+    """Normalised coordinates in [-1, 1] of ``n`` positions along one axis.
+
+    ``centered`` positions sit at pixel centres ``i + 0.5`` (reference points), otherwise at
+    ``i`` (query grid). v1 divides by ``n`` (query grid: also centres); ++ by ``n - 1``. An axis
+    of length 1, where ++ would divide by zero, maps to 0.
+    """
+    i = torch.arange(n, device=device, dtype=dtype)
+    if flavor == 'v1':
+        return (i + 0.5) / n * 2 - 1
+    if n == 1:
+        return torch.zeros(1, device=device, dtype=dtype)
+    return ((i + 0.5) if centered else i) / (n - 1) * 2 - 1
+
+
+def _grid(h: int, w: int, centered: bool, flavor: str, device, dtype) -> torch.Tensor:
+    """``h x w x 2`` grid of normalised ``(y, x)``."""
+    ys = _axis_grid(h, centered, flavor, device, dtype)
+    xs = _axis_grid(w, centered, flavor, device, dtype)
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+
+
+class OffsetNetwork(nn.Module):
+    """Predicts ``(dy, dx)`` on the key grid from one group's query channels.
+
+    Depth-wise conv (kernel ``k``, stride ``r``) + LayerNorm + GELU + 1x1 conv to 2 channels.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int, flavor: str):
+        super().__init__()
+        padding = 0 if (flavor == 'pp' and kernel_size == stride) else kernel_size // 2
+        self.dwconv = nn.Conv2d(channels, channels, kernel_size, stride, padding, groups=channels)
+        self.norm = LayerNorm2d(channels)
+        self.act = nn.GELU()
+        self.proj = nn.Conv2d(channels, 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.norm(self.dwconv(x))))
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention (spec letter ``D``) of DAT and DAT++.
+
+    Queries attend to ``Hk x Wk`` keys sampled from the input at reference points on a grid of
+    stride ``key_stride`` shifted by learned offsets, one offset field per group of heads.
+
+    Args:
+        embed_dims: Channels ``C`` of the input and output.
+        num_heads: Attention heads ``M``.
+        groups: Offset groups ``G``; ``M`` and ``C`` must be multiples of it.
+        key_stride: Stride ``r`` of the key grid relative to the query map.
+        offset_kernel_size: Kernel of the offset network's depth-wise conv.
+        offset_range_factor: Bound ``s`` on offsets in key-grid cells (v1: applied when
+            ``s > 0``; ++: when ``s >= 0``; otherwise offsets are unbounded and positions are
+            squashed into [-1, 1]: v1 by tanh, ++ by clamping).
+        table_size: ``(Hq, Wq)`` query map size at the pretraining resolution; the relative
+            position table is ``M x (2Hq-1) x (2Wq-1)``. ``None`` disables the position bias.
+        flavor: ``'v1'`` (CVPR 2022 classification code) or ``'pp'`` (DAT++ and the official
+            dense-prediction code): how reference points, query grid and offset range are scaled.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, groups: int, key_stride: int = 1,
+                 offset_kernel_size: int = 3, offset_range_factor: float = -1,
+                 table_size: Optional[Tuple[int, int]] = None, flavor: str = 'pp',
+                 attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        if flavor not in FLAVORS:
+            raise ValueError(f'flavor must be one of {FLAVORS}, got {flavor!r}')
+        if num_heads % groups or embed_dims % num_heads:
+            raise ValueError(f'deformable attention needs embed_dims ({embed_dims}) divisible by num_heads '
+                             f'({num_heads}) and num_heads divisible by groups ({groups})')
+        self.num_heads = num_heads
+        self.groups = groups
+        self.head_dims = embed_dims // num_heads
+        self.scale = self.head_dims ** -0.5
+        self.key_stride = key_stride
+        self.offset_range_factor = offset_range_factor
+        self.flavor = flavor
+
+        self.q = nn.Conv2d(embed_dims, embed_dims, 1)
+        self.k = nn.Conv2d(embed_dims, embed_dims, 1)
+        self.v = nn.Conv2d(embed_dims, embed_dims, 1)
+        self.proj = nn.Conv2d(embed_dims, embed_dims, 1)
+        self.offset = OffsetNetwork(embed_dims // groups, offset_kernel_size, key_stride, flavor)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if table_size is not None:
+            th, tw = table_size
+            self.relative_position_table = nn.Parameter(torch.zeros(num_heads, 2 * th - 1, 2 * tw - 1))
+            trunc_normal_(self.relative_position_table, std=0.01)
+        else:
+            self.relative_position_table = None
+
+    def sampling_positions(self, offset: torch.Tensor) -> torch.Tensor:
+        """Turns raw offsets ``(B*G) x 2 x Hk x Wk`` into sample positions ``(B*G) x Hk x Wk x 2``.
+
+        Positions are normalised ``(y, x)`` in [-1, 1] (unbounded when offsets are).
+        """
+        Hk, Wk = offset.shape[-2:]
+        s = self.offset_range_factor
+        bounded = s > 0 if self.flavor == 'v1' else s >= 0
+        if bounded:
+            if self.flavor == 'v1':
+                cells = (1.0 / Hk, 1.0 / Wk)
+            else:
+                cells = (1.0 / max(Hk - 1, 1), 1.0 / max(Wk - 1, 1))
+            offset = offset.tanh() * offset.new_tensor(cells).view(1, 2, 1, 1) * s
+        pos = offset.permute(0, 2, 3, 1) + _grid(Hk, Wk, True, self.flavor, offset.device, offset.dtype)
+        if s >= 0:
+            return pos
+        return pos.tanh() if self.flavor == 'v1' else pos.clamp(-1., 1.)
+
+    def position_bias(self, pos: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """``(B*M) x HW x Ns`` bias read from the table at each query-key displacement."""
+        BG, Hk, Wk, _ = pos.shape
+        q_grid = _grid(H, W, False, self.flavor, pos.device, pos.dtype).reshape(1, H * W, 1, 2)
+        displacement = (q_grid - pos.reshape(BG, 1, Hk * Wk, 2)) * 0.5
+        table = self.relative_position_table
+        table = table.reshape(1, self.groups, -1, *table.shape[-2:]).expand(BG // self.groups, -1, -1, -1, -1)
+        bias = F.grid_sample(table.reshape(BG, -1, *table.shape[-2:]).to(pos.dtype), displacement.flip(-1),
+                             mode='bilinear', align_corners=True)  # (B*G) x M/G x HW x Ns
+        return bias.reshape(-1, H * W, Hk * Wk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        G, M = self.groups, self.num_heads
+        q = self.q(x)
+        pos = self.sampling_positions(self.offset(q.reshape(B * G, C // G, H, W)))
+        Hk, Wk = pos.shape[1:3]
+        Ns = Hk * Wk
+
+        sampled = F.grid_sample(x.reshape(B * G, C // G, H, W), pos.flip(-1), mode='bilinear',
+                                align_corners=True).reshape(B, C, 1, Ns)
+        k = self.k(sampled).reshape(B * M, self.head_dims, Ns)
+        v = self.v(sampled).reshape(B * M, self.head_dims, Ns)
+        q = q.reshape(B * M, self.head_dims, H * W)
+
+        attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
+        if self.relative_position_table is not None:
+            attn = attn + self.position_bias(pos, H, W)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f'num_heads={self.num_heads}, groups={self.groups}, key_stride={self.key_stride}, '
+                f'offset_range_factor={self.offset_range_factor}, flavor={self.flavor!r}')

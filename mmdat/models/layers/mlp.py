@@ -1,0 +1,48 @@
+import torch
+import torch.nn as nn
+
+
+class Mlp(nn.Module):
+    """Position-wise MLP of the v1 models: Linear, GELU, Linear on ``B x C x H x W``.
+
+    Args:
+        embed_dims: Channels in and out.
+        hidden_dims: Channels of the hidden layer.
+        drop: Dropout after each linear layer.
+    """
+
+    def __init__(self, embed_dims: int, hidden_dims: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dims, hidden_dims)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dims, embed_dims)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = self.drop(self.act(self.fc1(x)))
+        x = self.drop(self.fc2(x))
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvMlp(nn.Module):
+    """MLP of DAT++: 1x1 conv, residual 3x3 depth-wise conv, GELU, 1x1 conv.
+
+    Args:
+        embed_dims: Channels in and out.
+        hidden_dims: Channels of the hidden layer.
+        drop: Dropout after each 1x1 conv.
+    """
+
+    def __init__(self, embed_dims: int, hidden_dims: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Conv2d(embed_dims, hidden_dims, 1)
+        self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_dims, embed_dims, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.fc1(x))
+        x = self.act(x + self.dwconv(x))
+        return self.drop(self.fc2(x))
