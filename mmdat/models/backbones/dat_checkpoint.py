@@ -76,28 +76,43 @@ def convert_official_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str
     return converted
 
 
-def extract_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
-    """The backbone's weights, in mmdat's layout, from any supported checkpoint.
-
-    Accepts official classification checkpoints (``{'model': ...}``), detector / segmentor
-    checkpoints (``{'state_dict': ...}`` with ``backbone.`` keys, official or mmdat), mmdat
-    backbone checkpoints and plain state dicts. Classifier heads are kept as ``head.*``.
-    """
+def _unwrap(checkpoint) -> Dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         raise TypeError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
     for wrapper in ('state_dict', 'model', 'module'):
         if isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
             break
-    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()
-          if isinstance(v, torch.Tensor)}
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in checkpoint.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def convert_checkpoint(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """A whole model's state dict in mmdat's layout, backbone keys prefixed ``backbone.``.
+
+    Accepts official classification checkpoints (``{'model': ...}``, whose classifier becomes
+    mmpretrain's ``head.fc``), DAT-Detection / DAT-Segmentation checkpoints
+    (``{'state_dict': ...}`` with ``backbone.`` keys; the other keys are kept as they are),
+    mmdat's own checkpoints and plain backbone state dicts.
+    """
+    sd = _unwrap(checkpoint)
     if any(k.startswith('backbone.') for k in sd):
-        heads = {k: v for k, v in sd.items() if k.startswith('head.')}
-        sd = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
-        sd.update(heads)
-    if is_official_layout(sd):
-        sd = convert_official_state_dict(sd)
-    return sd
+        backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
+        rest = {k: v for k, v in sd.items() if not k.startswith('backbone.')}
+    else:
+        backbone, rest = sd, {}
+    if is_official_layout(backbone):
+        backbone = convert_official_state_dict(backbone)
+    out = {k if k.startswith('head.') else f'backbone.{k}': v for k, v in backbone.items()}
+    out.update(rest)
+    return out
+
+
+def extract_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """The backbone's weights in mmdat's layout (no prefix), plus any classifier ``head.*``."""
+    return {k[len('backbone.'):] if k.startswith('backbone.') else k: v
+            for k, v in convert_checkpoint(checkpoint).items()
+            if k.startswith(('backbone.', 'head.'))}
 
 
 def resize_position_table(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -1,0 +1,26 @@
+import os
+import os.path as osp
+
+import pytest
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DEFAULT_FIXTURES = osp.normpath(osp.join(REPO, '..', 'shared', 'fixtures', 'official'))
+
+# Small architectures (those of the parity fixtures) that keep tests fast.
+NANO_V1 = dict(preset='v1-tiny', embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), groups=(0, 0, 2, 4),
+               stage_specs=('LS', 'LS', 'LD', 'LD'))
+NANO_PP = dict(preset='pp-tiny', embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), groups=(1, 2, 2, 4),
+               stage_specs=('ND', 'ND', 'ND', 'DD'))
+
+
+def fixtures_dir():
+    """The parity fixtures folder: $MMDAT_PARITY_FIXTURES, else ../shared/fixtures/official."""
+    return os.environ.get('MMDAT_PARITY_FIXTURES', DEFAULT_FIXTURES)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(False)
+    yield

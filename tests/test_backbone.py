@@ -1,0 +1,277 @@
+"""The DAT backbone: official parity, checkpoint conversion, shapes, registry, training knobs."""
+import glob
+import json
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmdat  # noqa: F401
+from mmdat.models.backbones import ARCH_SETTINGS, DAT
+from mmdat.models.backbones.dat_checkpoint import (CheckpointMismatchError, extract_state_dict,
+                                                   load_dat_checkpoint, official_arch)
+from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
+
+from conftest import NANO_PP, NANO_V1, REPO, fixtures_dir
+
+TOL = 1e-4
+
+
+def _fixture_files():
+    folder = fixtures_dir()
+    files = sorted(glob.glob(osp.join(folder, '*.pth')))
+    if not files:
+        if 'MMDAT_PARITY_FIXTURES' in os.environ:
+            raise FileNotFoundError(f'MMDAT_PARITY_FIXTURES={folder} holds no *.pth fixtures')
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f'no parity fixtures in {folder}'))]
+    return [pytest.param(f, id=osp.basename(f)) for f in files]
+
+
+def _max_diff(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+    return max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize('path', _fixture_files())
+def test_official_parity(path):
+    """Official weights, loaded through init_cfg, reproduce the official features."""
+    fixture = torch.load(path, map_location='cpu', weights_only=True)
+    kwargs = official_arch(fixture['config'], fixture['flavor'])
+    with_logits = 'logits' in fixture
+    if with_logits:  # the classifier's final norm is the last stage's output norm
+        kwargs['out_indices'] = (3,)
+    model = DAT(**kwargs, init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    model.eval()
+    x = fixture['input']
+    with torch.no_grad():
+        if 'stage_outputs' in fixture:
+            assert _max_diff(model.forward_stages(x), fixture['stage_outputs']) <= TOL
+        if 'outputs' in fixture:
+            assert _max_diff(model(x), fixture['outputs']) <= TOL
+    if with_logits:
+        from mmpretrain.models import ImageClassifier
+        head = extract_state_dict(fixture)
+        num_classes, channels = head['head.fc.weight'].shape
+        classifier = ImageClassifier(
+            backbone=dict(type='DAT', **kwargs, init_cfg=dict(type='Pretrained', checkpoint=path)),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=channels))
+        classifier.init_weights()
+        classifier.head.load_state_dict({'fc.weight': head['head.fc.weight'], 'fc.bias': head['head.fc.bias']})
+        classifier.eval()
+        with torch.no_grad():
+            logits = classifier(x, mode='tensor')
+        assert _max_diff([logits], [fixture['logits']]) <= TOL
+
+
+def _layouts():
+    path = osp.join(fixtures_dir(), 'official_layout.json')
+    if not osp.isfile(path):
+        return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=f'no {path}'))]
+    layouts = json.load(open(path))
+    return [pytest.param(layouts[name], layouts[name[:-len('_keys')] + '_params'], name, id=name)
+            for name in sorted(layouts) if name.endswith('_keys')]
+
+
+@pytest.mark.parametrize('keys,params,name', _layouts())
+def test_official_layout_converts_and_counts(keys, params, name):
+    """Full-size official layouts convert with no missing or unexpected key; parameter counts match."""
+    flavor, size = name.split('_')[:2]
+    classifier = '_cls_' in name
+    model = DAT(f'{flavor}-{size}', out_indices=(3,) if classifier else (0, 1, 2, 3))
+    state_dict = {k: torch.zeros(shape) for k, shape in keys.items()}
+    report = load_dat_checkpoint(model, state_dict)  # raises on any missing / unexpected / mis-shaped key
+    assert report['missing'] == [] and report['resized'] == []
+    count = sum(p.numel() for p in model.parameters())
+    if classifier:
+        assert sorted(report['ignored']) == ['head.fc.bias', 'head.fc.weight']
+        count += sum(math.prod(keys[k]) for k in ('cls_head.weight', 'cls_head.bias'))
+    assert count == params
+
+
+@pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
+@pytest.mark.parametrize('size', [(64, 64), (96, 160), (100, 150), (37, 290), (16, 16)])
+def test_output_shapes_any_size(arch, size):
+    """Any input size gives stride-4..32 maps of ceil(H / stride), each normed."""
+    model = DAT(arch).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        stride = 4 * 2 ** i
+        assert out.shape == (1, arch['embed_dims'][i], math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('name', sorted(ARCH_SETTINGS))
+def test_presets_run(name):
+    model = DAT(name, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 96))
+    dims = ARCH_SETTINGS[name]['embed_dims']
+    assert [o.shape[1] for o in outs] == [dims[1], dims[3]]
+    assert [tuple(o.shape[2:]) for o in outs] == [(8, 12), (2, 3)]
+
+
+@pytest.mark.parametrize('scope,registry', [('mmdet', 'mmdet.registry'), ('mmseg', 'mmseg.registry'),
+                                            ('mmpretrain', 'mmpretrain.registry')])
+def test_builds_from_each_scope(scope, registry):
+    from mmengine.registry import DefaultScope
+    models = __import__(registry, fromlist=['MODELS']).MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        model = models.build(dict(type='DAT', arch=NANO_PP, out_indices=(2,)))
+    assert isinstance(model, DAT)
+    assert model(torch.randn(1, 3, 32, 32))[0].shape == (1, 128, 2, 2)
+
+
+def test_gradients_reach_offsets_and_tables():
+    model = DAT(NANO_PP).train()
+    sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    for name, p in model.named_parameters():
+        if name.endswith(('offset.proj.weight', 'offset.dwconv.weight', 'relative_position_table',
+                          'relative_position_bias_table')):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_frozen_stages_stay_frozen():
+    model = DAT(NANO_V1, frozen_stages=2, out_indices=(0, 1, 2, 3))
+    model.train()
+    frozen = {n: p.clone() for n, p in model.named_parameters()
+              if n.startswith(('stem.', 'stages.0.', 'stages.1.', 'norm0.', 'norm1.'))}
+    assert frozen and all(not model.get_parameter(n).requires_grad for n in frozen)
+    assert not model.stages[1].training and model.stages[2].training
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    sum(o.mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    optimizer.step()
+    for name, before in frozen.items():
+        assert torch.equal(model.get_parameter(name), before), name
+    assert not torch.equal(model.stages[2].blocks[0].attn.qkv.weight,
+                           DAT(NANO_V1).stages[2].blocks[0].attn.qkv.weight)
+
+
+def test_with_cp_matches_plain():
+    model = DAT(NANO_PP).train()
+    x = torch.randn(1, 3, 64, 64)
+    plain = sum(o.sum() for o in model(x))
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for block in (b for s in model.stages for b in s.blocks):
+        block.with_cp = True
+    ckpt = sum(o.sum() for o in model(x))
+    ckpt.backward()
+    assert torch.allclose(plain, ckpt)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+
+
+def test_stochastic_depth_only_in_training():
+    model = DAT(NANO_V1, drop_path_rate=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    assert not torch.allclose(model(x)[3], model(x)[3])
+    model.eval()
+    assert torch.equal(model(x)[3], model(x)[3])
+
+
+def test_position_tables_interpolate_to_another_pretrain_size(tmp_path):
+    path = str(tmp_path / 'at224.pth')
+    torch.save({'state_dict': DAT(NANO_PP).state_dict()}, path)
+    model = DAT(NANO_PP, pretrain_img_size=384, init_cfg=dict(type='Pretrained', checkpoint=path))
+    report = load_dat_checkpoint(model, path)
+    assert any('relative_position_table: (1, 111, 111) -> (1, 191, 191)' in r for r in report['resized'])
+    with torch.no_grad():
+        assert all(torch.isfinite(o).all() for o in model.eval()(torch.randn(1, 3, 64, 64)))
+
+
+def test_mismatched_checkpoint_names_keys(tmp_path):
+    path = str(tmp_path / 'v1.pth')
+    torch.save({'state_dict': DAT(NANO_V1).state_dict()}, path)
+    model = DAT(dict(NANO_V1, embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16)),
+                init_cfg=dict(type='Pretrained', checkpoint=path))
+    with pytest.raises(CheckpointMismatchError) as err:
+        model.init_weights()
+    message = str(err.value)
+    assert 'mis-shaped' in message and 'stem.1.weight: checkpoint (32, 3, 4, 4) vs model (48, 3, 4, 4)' in message
+    with pytest.raises(CheckpointMismatchError, match=r'missing .*offset'):
+        load_dat_checkpoint(DAT(NANO_PP), path)
+    with pytest.raises(FileNotFoundError, match='no_such.pth'):
+        load_dat_checkpoint(DAT(NANO_V1), str(tmp_path / 'no_such.pth'))
+
+
+@pytest.mark.parametrize('arch,match', [
+    ('v2-tiny', 'unknown DAT arch'),
+    (dict(NANO_V1, num_heads=(3, 2, 4, 8)), 'not divisible by num_heads'),
+    (dict(NANO_PP, groups=(1, 2, 3, 4)), 'groups >= 1 dividing num_heads'),
+    (dict(NANO_PP, stage_specs=('NX', 'N', 'N', 'D')), 'string of'),
+    (dict(NANO_PP, key_strides=(8, 4, 2)), 'needs 4 values'),
+    (dict(NANO_PP, window=7), 'unknown DAT arch fields'),
+])
+def test_bad_arch_fails_at_construction(arch, match):
+    with pytest.raises(ValueError, match=match):
+        DAT(arch)
+
+
+def test_wrong_input_channels_is_a_clear_error():
+    with pytest.raises(ValueError, match=r'B x 3 x H x W, got \(1, 1, 32, 32\)'):
+        DAT(NANO_PP)(torch.randn(1, 1, 32, 32))
+
+
+def _naive_neighborhood(x, attn):
+    """NA2D by definition: each query attends to its clamped k x k window (maps padded to k)."""
+    B, C, H, W = x.shape
+    k, heads = attn.kernel_size, attn.num_heads
+    xp = torch.nn.functional.pad(x, (0, max(0, k - W), 0, max(0, k - H))).permute(0, 2, 3, 1)
+    Hp, Wp = xp.shape[1:3]
+    q, kk, v = attn.qkv(xp).reshape(B, Hp, Wp, 3, heads, -1).unbind(3)
+    out = torch.zeros_like(q)
+    for i in range(Hp):
+        for j in range(Wp):
+            r0, c0 = min(max(i - k // 2, 0), Hp - k), min(max(j - k // 2, 0), Wp - k)
+            keys = kk[:, r0:r0 + k, c0:c0 + k].reshape(B, k * k, heads, -1)
+            vals = v[:, r0:r0 + k, c0:c0 + k].reshape(B, k * k, heads, -1)
+            rel = attn.relative_position_bias_table[:, r0 - i + k - 1:r0 - i + 2 * k - 1,
+                                                    c0 - j + k - 1:c0 - j + 2 * k - 1].reshape(heads, -1)
+            logits = torch.einsum('bhd,bnhd->bhn', q[:, i, j] * attn.scale, keys) + rel
+            out[:, i, j] = torch.einsum('bhn,bnhd->bhd', logits.softmax(-1), vals)
+    out = attn.proj(out.reshape(B, Hp, Wp, C)).permute(0, 3, 1, 2)
+    return out[:, :, :H, :W]
+
+
+@pytest.mark.parametrize('size', [(9, 11), (5, 6)])
+def test_neighborhood_attention_matches_definition(size):
+    attn = NeighborhoodAttention(16, 2, kernel_size=7, use_natten=False).eval()
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    x = torch.randn(2, 16, *size)
+    with torch.no_grad():
+        assert torch.allclose(attn(x), _naive_neighborhood(x, attn), atol=1e-5)
+
+
+@pytest.mark.parametrize('path', _fixture_files())
+def test_converter_tool(path, tmp_path):
+    dst = str(tmp_path / 'converted.pth')
+    subprocess.run([sys.executable, osp.join(REPO, 'tools', 'model_converters', 'dat2mmdat.py'), path, dst],
+                   check=True, capture_output=True)
+    converted = torch.load(dst, weights_only=True)['state_dict']
+    assert all(k.startswith(('backbone.', 'head.')) for k in converted)
+    fixture = torch.load(path, weights_only=True)
+    kwargs = official_arch(fixture['config'], fixture['flavor'])
+    model = DAT(**kwargs)
+    own = {k: v for k, v in converted.items() if k.startswith('backbone.')}
+    missing, unexpected = model.load_state_dict({k[len('backbone.'):]: v for k, v in own.items()}, strict=False)
+    assert not unexpected and all(k.startswith('norm') for k in missing)
+
+
+def test_converter_tool_reports_bad_input(tmp_path):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'model_converters', 'dat2mmdat.py'),
+                             str(bad), str(tmp_path / 'out.pth')], capture_output=True, text=True)
+    assert result.returncode != 0 and 'cannot convert' in result.stderr and 'Traceback' not in result.stderr
