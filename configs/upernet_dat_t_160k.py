@@ -1,0 +1,22 @@
+# UperNet, DAT-T (v1), ADE20K 512x512, 160k iterations, 16 images per iteration.
+# Paper: 60M params, 957G FLOPs at 512x2048, mIoU 45.54 / 46.44 (ms+flip).
+_base_ = [
+    '_base_/models/upernet_dat.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    '_base_/schedules/dat_seg_upernet_160k.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_tiny_in1k_224.pth')))
+
+# 8 GPUs x 2 images
+train_dataloader = dict(batch_size=2)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader
