@@ -307,22 +307,16 @@ class DAT(BaseModule):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'DAT expects a batch of images B x {self.in_channels} x H x W, got {shape}')
 
-    def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Outputs of all four stages, before the output norms."""
+    def forward_stages(self, x: torch.Tensor, num_stages: int = 4) -> List[torch.Tensor]:
+        """Outputs of the first ``num_stages`` stages, before the output norms."""
         self._check_input(x)
         x = self.stem(x)
         outs = []
-        for stage in self.stages:
+        for stage in self.stages[:num_stages]:
             x = stage(x)
             outs.append(x)
         return outs
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        self._check_input(x)
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages[:max(self.out_indices) + 1]):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(getattr(self, f'norm{i}')(x))
-        return tuple(outs)
+        feats = self.forward_stages(x, max(self.out_indices) + 1)
+        return tuple(getattr(self, f'norm{i}')(feats[i]) for i in self.out_indices)
