@@ -1,7 +1,11 @@
 """mmdat: Deformable Attention Transformer (DAT, DAT++) for the OpenMMLab 2.x stack.
 
 Importing it registers the ``DAT`` backbone in MMEngine's root ``MODELS`` registry, which
-mmdet, mmseg and mmpretrain registries all fall back to.
+mmdet, mmseg and mmpretrain registries all fall back to, and lets MMEngine configs inherit
+mmdat's own as ``_base_ = 'mmdat::mask_rcnn_dat_t_3x.py'`` (see :mod:`mmdat.utils.config`).
 """
 from . import models  # noqa: F401
+from .utils.config import register_mmdat_configs
 from .version import __version__  # noqa: F401
+
+register_mmdat_configs()
