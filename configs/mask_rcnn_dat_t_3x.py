@@ -1,5 +1,6 @@
-# Mask R-CNN, DAT-T (v1), 3x multi-scale schedule. Official: DAT-Detection
-# mrcn_tiny_3x_4n_dp03 (box AP 47.1, mask AP 42.4; 48M params, 272G FLOPs at 1280x800).
+# Mask R-CNN, DAT-T, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
+# Paper: 48M, 272G; box AP 47.1, mask AP 42.4 (FLOPs at 1280x800).
+# Recipe: DAT-Detection mrcn_tiny_3x_4n_dp03_lr4.
 _base_ = [
     '_base_/models/mask_rcnn_dat_fpn.py',
     '_base_/datasets/coco_instance_ms_crop.py',

@@ -1,5 +1,6 @@
-# UperNet, DAT-T (v1), ADE20K 512x512, 160k iterations, 16 images per iteration.
-# Paper: 60M params, 957G FLOPs at 512x2048, mIoU 45.54 / 46.44 (ms+flip).
+# UperNet, DAT-T, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
+# Paper: 60M, 957G; mIoU 45.54 / 46.44 (ms+flip) (FLOPs at 512x2048).
+# Recipe: DAT-Segmentation upn_tiny_160k_dp03_lr6.
 _base_ = [
     '_base_/models/upernet_dat.py',
     'mmseg::_base_/datasets/ade20k.py',
@@ -16,7 +17,6 @@ model = dict(
         drop_path_rate=0.3,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_tiny_in1k_224.pth')))
 
-# 8 GPUs x 2 images
 train_dataloader = dict(batch_size=2)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader

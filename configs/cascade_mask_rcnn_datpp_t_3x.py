@@ -1,0 +1,16 @@
+# Cascade Mask R-CNN, DAT-T++, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
+# DAT++ paper: box AP 53.0, mask AP 46.0. Official config: DAT-Detection cmrcn_tiny_3x_4n_dp01_lr4.
+_base_ = [
+    '_base_/models/cascade_mask_rcnn_dat_fpn.py',
+    '_base_/datasets/coco_instance_ms_crop.py',
+    '_base_/schedules/dat_det_3x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        arch='pp-tiny',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
+    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,0 +1,14 @@
+# DAT-T on ImageNet-1K, 224x224, 300 epochs, 1024 images per iteration (16 GPUs x 64).
+# Paper: 28.32M, 4.6G; top-1 82.0.
+# The v1 classifier itself (flavor v1, key stride 1): official checkpoints give official logits.
+_base_ = [
+    '_base_/models/dat_in1k.py',
+    'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
+    '_base_/schedules/dat_in1k_300e.py',
+    'mmpretrain::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(arch='v1-tiny', drop_path_rate=0.2),
+    head=dict(in_channels=768))

@@ -1,0 +1,26 @@
+# Semantic FPN, DAT-B, ADE20K 512x512, the "80k" schedule (PVT: 80k x 16 images),
+# run as DAT-Segmentation does: 40k iterations of 32 images (8 GPUs x 4).
+# Paper: 92M, 481G; mIoU 47.02 / 49.01 (ms+flip) (FLOPs at 512x2048).
+# Recipe: DAT-Segmentation fpn_base_160k_dp07_lr2.
+_base_ = [
+    '_base_/models/fpn_dat.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    '_base_/schedules/dat_seg_fpn_80k.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        # merged into the model base's arch: flavor 'pp' and the v1 dense key grid stay
+        arch=dict(preset='v1-base'),
+        drop_path_rate=0.7,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_base_in1k_224.pth')),
+    neck=dict(in_channels=[128, 256, 512, 1024]))
+
+train_dataloader = dict(batch_size=4)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader

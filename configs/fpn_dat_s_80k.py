@@ -1,0 +1,25 @@
+# Semantic FPN, DAT-S, ADE20K 512x512, the "80k" schedule (PVT: 80k x 16 images),
+# run as DAT-Segmentation does: 40k iterations of 32 images (8 GPUs x 4).
+# Paper: 53M, 320G; mIoU 46.08 / 48.46 (ms+flip) (FLOPs at 512x2048).
+# Recipe: DAT-Segmentation fpn_small_160k_dp04_lr2.
+_base_ = [
+    '_base_/models/fpn_dat.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    '_base_/schedules/dat_seg_fpn_80k.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        # merged into the model base's arch: flavor 'pp' and the v1 dense key grid stay
+        arch=dict(preset='v1-small'),
+        drop_path_rate=0.4,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_small_in1k_224.pth')))
+
+train_dataloader = dict(batch_size=4)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader

@@ -1,0 +1,16 @@
+# Mask R-CNN, DAT-T++, COCO 1x (12 epochs), 16 images per iteration.
+# DAT++ paper: 301G (cited); box AP 48.7, mask AP 43.7. Official config: DAT-Detection mrcn_tiny_1x_4n_dp00_lr4.
+_base_ = [
+    '_base_/models/mask_rcnn_dat_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    '_base_/schedules/dat_det_1x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        arch='pp-tiny',
+        drop_path_rate=0.0,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
+    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,0 +1,20 @@
+# RetinaNet, DAT-T++, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
+# DAT++ paper: box AP 49.2. Official config: DAT-Detection rtn_tiny_3x_4n_dp02_lr2.
+_base_ = [
+    '_base_/models/retinanet_dat_fpn.py',
+    '_base_/datasets/coco_detection_ms_crop.py',
+    '_base_/schedules/dat_det_3x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        arch='pp-tiny',
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
+    neck=dict(in_channels=[128, 256, 512]))
+
+# DAT-Detection trains RetinaNet at half the two-stage lr: 2e-4 for 64 images, i.e.
+# 5e-5 for 16.
+optim_wrapper = dict(optimizer=dict(lr=5e-5))

@@ -1,0 +1,26 @@
+# UperNet, DAT-B, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
+# Paper: 121M, 1212G; mIoU 49.38 / 50.55 (ms+flip) (FLOPs at 512x2048).
+# Recipe: DAT-Segmentation upn_base_160k_dp07_lr6.
+_base_ = [
+    '_base_/models/upernet_dat.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    '_base_/schedules/dat_seg_upernet_160k.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        # merged into the model base's arch: flavor 'pp' and the v1 dense key grid stay
+        arch=dict(preset='v1-base'),
+        drop_path_rate=0.7,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_base_in1k_224.pth')),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]),
+    auxiliary_head=dict(in_channels=512))
+
+train_dataloader = dict(batch_size=2)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader

@@ -1,0 +1,24 @@
+# UperNet, DAT-T++, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
+# DAT++ paper: mIoU 49.4 / 50.3 (ms+flip). Official config: DAT-Segmentation upn_tiny_160k_dp03_lr6.
+_base_ = [
+    '_base_/models/upernet_dat.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    '_base_/schedules/dat_seg_upernet_160k.py',
+]
+custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        arch='pp-tiny',
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
+    decode_head=dict(in_channels=[64, 128, 256, 512]),
+    auxiliary_head=dict(in_channels=256))
+
+train_dataloader = dict(batch_size=2)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader
