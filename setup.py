@@ -30,6 +30,9 @@ setup(
         'mmcv>=2.1.0,<2.2.0',
         'mmdet>=3.3.0,<3.4',
         'mmsegmentation>=1.2.2,<1.3',
+        # imported by mmseg.utils at import time but not declared by mmsegmentation
+        'ftfy',
+        'regex',
         'mmpretrain>=1.2.0,<1.3',
         # mmengine's `pkg::` config inheritance imports pkg_resources.
         'setuptools>=77.0.3,<81',

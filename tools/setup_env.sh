@@ -50,7 +50,14 @@ if ! "$py" -c "import mmcv, mmcv.ops" 2>/dev/null; then
         log "building mmcv $MMCV_VERSION with $flavour ops (once; about 17 minutes on 2 cores)"
         pip install -q ninja addict packaging pyyaml yapf numpy
         extra=()
-        [ "$flavour" != cpu ] && extra=(FORCE_CUDA=1)
+        if [ "$flavour" != cpu ]; then
+            nvcc=${CUDA_HOME:+$CUDA_HOME/bin/}nvcc
+            command -v "$nvcc" >/dev/null || {
+                log "error: a GPU is visible but no CUDA compiler ($nvcc) is: install the CUDA toolkit"
+                log "matching torch's CUDA $("$py" -c 'import torch; print(torch.version.cuda)') and set CUDA_HOME"
+                exit 1; }
+            extra=(FORCE_CUDA=1)
+        fi
         env MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${extra[@]}" \
             "$py" -m pip wheel -q --no-deps --no-build-isolation "mmcv==$MMCV_VERSION" -w "$cache"
     fi
