@@ -94,6 +94,10 @@ def test_official_layout_converts_and_counts(keys, params, name):
         assert sorted(report['ignored']) == ['head.fc.bias', 'head.fc.weight']
         count += sum(math.prod(keys[k]) for k in ('cls_head.weight', 'cls_head.bias'))
     assert count == params
+    with torch.no_grad():  # and the full-size preset runs
+        outs = model.eval()(torch.randn(1, 3, 64, 96))
+    dims = ARCH_SETTINGS[f'{flavor}-{size}']['embed_dims']
+    assert [tuple(o.shape[1:]) for o in outs][-1] == (dims[3], 2, 3)
 
 
 @pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
@@ -110,16 +114,6 @@ def test_output_shapes_any_size(arch, size):
         assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize('name', sorted(ARCH_SETTINGS))
-def test_presets_run(name):
-    model = DAT(name, out_indices=(1, 3)).eval()
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, 64, 96))
-    dims = ARCH_SETTINGS[name]['embed_dims']
-    assert [o.shape[1] for o in outs] == [dims[1], dims[3]]
-    assert [tuple(o.shape[2:]) for o in outs] == [(8, 12), (2, 3)]
-
-
 @pytest.mark.parametrize('scope,registry', [('mmdet', 'mmdet.registry'), ('mmseg', 'mmseg.registry'),
                                             ('mmpretrain', 'mmpretrain.registry')])
 def test_builds_from_each_scope(scope, registry):
@@ -133,7 +127,7 @@ def test_builds_from_each_scope(scope, registry):
 
 def test_gradients_reach_offsets_and_tables():
     model = DAT(NANO_PP).train()
-    sum(o.square().mean() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    sum(o.square().mean() for o in model(torch.randn(1, 3, 48, 48))).backward()
     for name, p in model.named_parameters():
         if name.endswith(('offset.proj.weight', 'offset.dwconv.weight', 'relative_position_table',
                           'relative_position_bias_table')):
@@ -174,7 +168,7 @@ def test_with_cp_matches_plain():
 
 def test_stochastic_depth_only_in_training():
     model = DAT(NANO_V1, drop_path_rate=0.5)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     model.train()
     assert not torch.allclose(model(x)[3], model(x)[3])
     model.eval()
