@@ -1,13 +1,32 @@
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
+from . import deformable_attention_ops as ops
 from .norm import LayerNorm2d
 
 FLAVORS = ('v1', 'pp')
+ATTN_IMPLS = ('fast', 'reference')
+_impl_override: Optional[str] = None
+
+
+@contextlib.contextmanager
+def deformable_attention_impl(impl: str) -> Iterator[None]:
+    """Within the block, every ``DeformableAttention`` uses ``impl`` whatever its
+    ``attn_impl``: ``'fast'`` (tiled, see ``deformable_attention_ops``) or ``'reference'``
+    (the official formulation, which materialises the logits and the bias)."""
+    global _impl_override
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
+    previous, _impl_override = _impl_override, impl
+    try:
+        yield
+    finally:
+        _impl_override = previous
 
 
 def _axis_grid(n: int, centered: bool, flavor: str, device, dtype) -> torch.Tensor:
@@ -71,15 +90,25 @@ class DeformableAttention(nn.Module):
             dense-prediction code): how reference points, query grid and offset range are scaled.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
+        attn_impl: ``'fast'`` (default): the tiled computation of
+            ``deformable_attention_ops``, which never materialises the logits, the bias or
+            the displacement grid; ``'reference'``: the official formulation. Both compute the
+            same function. The fast path is used unless the module is traced (so that jit-based
+            FLOP counters see the reference ops) or attention dropout is active in training
+            (the reference path then runs). Also a plain attribute; the context manager
+            ``deformable_attention_impl`` overrides it for every module.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, groups: int, key_stride: int = 1,
                  offset_kernel_size: int = 3, offset_range_factor: float = -1,
                  table_size: Optional[Tuple[int, int]] = None, flavor: str = 'pp',
-                 attn_drop: float = 0., proj_drop: float = 0.):
+                 attn_drop: float = 0., proj_drop: float = 0., attn_impl: str = 'fast'):
         super().__init__()
         if flavor not in FLAVORS:
             raise ValueError(f'flavor must be one of {FLAVORS}, got {flavor!r}')
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+        self.attn_impl = attn_impl
         if num_heads % groups or embed_dims % num_heads:
             raise ValueError(f'deformable attention needs embed_dims ({embed_dims}) divisible by num_heads '
                              f'({num_heads}) and num_heads divisible by groups ({groups})')
@@ -147,6 +176,12 @@ class DeformableAttention(nn.Module):
                                 align_corners=True).reshape(B, C, 1, Ns)
         k = self.k(sampled).reshape(B * M, self.head_dims, Ns)
         v = self.v(sampled).reshape(B * M, self.head_dims, Ns)
+        if self._use_fast_path():
+            qy = _axis_grid(H, False, self.flavor, x.device, pos.dtype)
+            qx = _axis_grid(W, False, self.flavor, x.device, pos.dtype)
+            out = ops.deformable_attention((q * self.scale).reshape(B * M, self.head_dims, H, W), k, v,
+                                           pos.reshape(B * G, Ns, 2), self.relative_position_table, qy, qx, G)
+            return self.proj_drop(self.proj(out.reshape(B, C, H, W)))
         q = q.reshape(B * M, self.head_dims, H * W)
 
         attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
@@ -156,6 +191,13 @@ class DeformableAttention(nn.Module):
         out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
         return self.proj_drop(self.proj(out))
 
+    def _use_fast_path(self) -> bool:
+        impl = _impl_override or self.attn_impl
+        if impl != 'fast' or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return False
+        return not (self.training and self.attn_drop.p > 0)
+
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, groups={self.groups}, key_stride={self.key_stride}, '
-                f'offset_range_factor={self.offset_range_factor}, flavor={self.flavor!r}')
+                f'offset_range_factor={self.offset_range_factor}, flavor={self.flavor!r}, '
+                f'attn_impl={self.attn_impl!r}')
