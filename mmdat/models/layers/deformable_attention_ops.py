@@ -295,6 +295,13 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
     Returns:
         ``(B*M, d, H, W)`` attention output (before the output projection), float32.
     """
+    BM, d = q.shape[:2]
+    BG, Ns = pos.shape[:2]
+    if (k.shape != (BM, d, Ns) or v.shape != k.shape or pos.shape[2:] != (2,) or BG % groups or BM % BG
+            or (table is not None and table.shape[0] != BM // (BG // groups))):
+        raise ValueError(f'inconsistent shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
+                         f'pos {tuple(pos.shape)}, table {None if table is None else tuple(table.shape)}, '
+                         f'groups {groups}')
     if tile_elements is None:
         tile_elements = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
     device_type = q.device.type

@@ -1,0 +1,307 @@
+"""The fast attention paths compute the same function as the reference ones, leanly."""
+import glob
+import itertools
+import os.path as osp
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmdat  # noqa: F401
+from mmdat.models.backbones import DAT
+from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_arch
+from mmdat.models.layers import deformable_attention_ops as ops
+from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
+                                                      deformable_attention_impl)
+from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, neighborhood_attention,
+                                                        neighborhood_attention_tiled)
+
+from conftest import NANO_PP, NANO_V1, fixtures_dir
+
+
+def _perturbed(module, scale=0.3):
+    """Random non-trivial weights (zero-initialised tables, unit norms, ... all perturbed)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return module
+
+
+def _run(module, x, impl, **kwargs):
+    """Output and gradients w.r.t. the input and every parameter under one path."""
+    module.zero_grad()
+    x = x.clone().requires_grad_()
+    with deformable_attention_impl(impl):
+        out = module(x, **kwargs) if kwargs else module(x)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    gen = torch.Generator().manual_seed(2)
+    sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs).backward()
+    grads = {'input': x.grad}
+    grads.update({n: p.grad for n, p in module.named_parameters() if p.grad is not None})
+    return [o.detach() for o in outs], grads
+
+
+def _assert_same(a, b, atol, rtol=0):
+    (outs_a, grads_a), (outs_b, grads_b) = a, b
+    for oa, ob in zip(outs_a, outs_b):
+        torch.testing.assert_close(oa, ob, atol=atol, rtol=rtol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=rtol, msg=name)
+
+
+# ----------------------------------------------------------------------------- deformable
+
+DA_CASES = [  # embed_dims, heads, groups, key stride, offset_range_factor, table, flavor, input, batch
+    (32, 4, 2, 2, -1, (5, 6), 'pp', (9, 11), 1),
+    (32, 4, 2, 1, 2, (5, 6), 'pp', (7, 4), 2),
+    (24, 2, 1, 2, 2, (4, 4), 'v1', (9, 11), 2),
+    (24, 2, 1, 1, -1, (4, 4), 'v1', (6, 5), 1),
+    (32, 4, 4, 3, -1, None, 'pp', (10, 8), 2),
+    (16, 2, 2, 8, -1, (14, 14), 'pp', (16, 24), 1),  # stage-1 like: few keys, a wide table band
+]
+
+
+@pytest.mark.parametrize('tile', [None, 300, 2000], ids=['one-tile', 'row-and-group-tiles', 'row-tiles'])
+@pytest.mark.parametrize('case', DA_CASES, ids=lambda c: f'{c[6]}-C{c[0]}-M{c[1]}-G{c[2]}-r{c[3]}-s{c[4]}'
+                         f'-{"table" if c[5] else "notable"}-B{c[8]}')
+def test_deformable_paths_agree_float64(case, tile, monkeypatch):
+    """Outputs and gradients (input, offset network, table, projections) agree to rounding."""
+    C, M, G, r, orf, table, flavor, size, B = case
+    if tile is not None:
+        monkeypatch.setitem(ops.DEFAULT_TILE_ELEMENTS, 'cpu', tile)
+    module = _perturbed(DeformableAttention(C, M, G, r, 3, orf, table, flavor).double())
+    x = torch.randn(B, C, *size, dtype=torch.double)
+    reference, fast = _run(module, x, 'reference'), _run(module, x, 'fast')
+    _assert_same(reference, fast, atol=1e-10)
+    if table is not None:
+        assert fast[1]['relative_position_table'].abs().sum() > 0
+    assert fast[1]['offset.proj.weight'].abs().sum() > 0
+
+
+def test_deformable_paths_agree_float32():
+    """In float32 both paths are equally far from the float64 result (gradients here reach 1e3)."""
+    module = _perturbed(DeformableAttention(64, 4, 2, 2, 5, -1, (14, 14), 'pp'), scale=0.1)
+    x = torch.randn(2, 64, 24, 40)
+    (ref_out, ref_grads), (fast_out, fast_grads) = _run(module, x, 'reference'), _run(module, x, 'fast')
+    torch.testing.assert_close(fast_out[0], ref_out[0], atol=1e-5, rtol=0)
+    for name, g in ref_grads.items():
+        scale = max(g.abs().max().item(), 1.)  # k.bias has a zero gradient: float32 noise only
+        assert (fast_grads[name] - g).abs().max().item() <= 2e-5 * scale, name
+
+
+def _bias_reference(q, k, v, pos, table, qy, qx, groups):
+    """The official formulation on the operands of ``ops.deformable_attention``."""
+    BM, d, H, W = q.shape
+    BG, Ns, _ = pos.shape
+    grid = torch.stack(torch.meshgrid(qy, qx, indexing='ij'), -1).reshape(1, H * W, 1, 2)
+    disp = (grid - pos.reshape(BG, 1, Ns, 2)) * 0.5
+    tab = table.reshape(1, groups, -1, *table.shape[-2:]).expand(BG // groups, -1, -1, -1, -1)
+    bias = F.grid_sample(tab.reshape(BG, -1, *table.shape[-2:]), disp.flip(-1), mode='bilinear',
+                         align_corners=True).reshape(BM, H * W, Ns)
+    attn = (torch.einsum('bcm,bcn->bmn', q.reshape(BM, d, H * W), k) + bias).softmax(-1)
+    return torch.einsum('bmn,bcn->bcm', attn, v).reshape(BM, d, H, W)
+
+
+@pytest.mark.parametrize('where', ['far-outside', 'grid-nodes', 'border'])
+def test_bias_matches_grid_sample_at_edges(where):
+    """Zero padding at any distance, table borders and exact grid nodes, incl. gradients."""
+    gen = torch.Generator().manual_seed(0)
+    B, G, Mg, d, H, W, Th, Tw = 2, 2, 2, 4, 5, 7, 7, 9
+    Ns = 12
+    qy, qx = _axis_grid(H, False, 'pp', 'cpu', torch.double), _axis_grid(W, False, 'pp', 'cpu', torch.double)
+    if where == 'far-outside':
+        pos = torch.rand(B * G, Ns, 2, generator=gen, dtype=torch.double) * 8 - 4
+    elif where == 'grid-nodes':  # table coordinates exactly integer
+        pos = torch.stack([qy[torch.randint(0, H, (B * G * Ns,), generator=gen)],
+                           qx[torch.randint(0, W, (B * G * Ns,), generator=gen)]], -1).view(B * G, Ns, 2)
+        pos = pos + torch.randint(-2, 3, pos.shape, generator=gen) * torch.tensor([4 / (Th - 1), 4 / (Tw - 1)],
+                                                                                   dtype=torch.double)
+    else:  # on and just around the table's edge
+        pos = torch.tensor([-1., 1.], dtype=torch.double)[torch.randint(0, 2, (B * G, Ns, 2), generator=gen)]
+        pos = pos + torch.randn(pos.shape, generator=gen, dtype=torch.double) * 1e-3
+    q, k, v = (torch.randn(B * G * Mg, d, *s, generator=gen, dtype=torch.double)
+               for s in ((H, W), (Ns,), (Ns,)))
+    k, v = k.squeeze(-1), v.squeeze(-1)
+    table = torch.randn(G * Mg, Th, Tw, generator=gen, dtype=torch.double)
+    inputs = [t.requires_grad_() for t in (q, k, v, pos, table)]
+    gout = torch.randn(B * G * Mg, d, H, W, generator=gen, dtype=torch.double)
+    ref = _bias_reference(*inputs, qy, qx, G)
+    fast = ops.deformable_attention(*inputs, qy, qx, G, tile_elements=40)
+    torch.testing.assert_close(fast, ref, atol=1e-10, rtol=0)
+    for a, b, name in zip(torch.autograd.grad((ref * gout).sum(), inputs),
+                          torch.autograd.grad((fast * gout).sum(), inputs), 'q k v pos table'.split()):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while running ``fn``."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_deformable_fast_path_keeps_no_logits():
+    """Saved for backward: some C x HW maps, nothing of size heads x HW x Ns."""
+    C, M, H, W = 16, 4, 40, 48
+    module = DeformableAttention(C, M, 2, 1, 3, -1, (7, 7), 'pp')
+    x = torch.randn(1, C, H, W, requires_grad=True)
+    logits = M * (H * W) ** 2 * 4  # bytes, Ns = HW at key stride 1
+    with deformable_attention_impl('reference'):
+        assert _saved_bytes(lambda: module(x)) > 2 * logits  # logits, attention, bias, displacements
+    with deformable_attention_impl('fast'):
+        saved = _saved_bytes(lambda: module(x))
+    assert saved < 20 * C * H * W * 4 < logits / 10
+
+
+def test_path_selection():
+    module = DeformableAttention(16, 2, 1, attn_impl='reference', attn_drop=0.1)
+    assert not module._use_fast_path()
+    module.attn_impl = 'fast'
+    module.eval()
+    assert module._use_fast_path()
+    module.train()  # attention dropout only exists on the reference path
+    assert not module._use_fast_path()
+    module.eval()
+    with deformable_attention_impl('reference'):
+        assert not module._use_fast_path()
+        with deformable_attention_impl('fast'):
+            assert module._use_fast_path()
+        assert not module._use_fast_path()
+    assert module._use_fast_path()
+    with pytest.raises(ValueError, match='attn_impl'):
+        DeformableAttention(16, 2, 1, attn_impl='flash')
+    with pytest.raises(ValueError, match='attn_impl'):
+        with deformable_attention_impl('flash'):
+            pass
+
+
+def test_fast_path_is_float32_under_autocast():
+    module = _perturbed(DeformableAttention(32, 4, 2, 2, 3, -1, (5, 5), 'pp'), scale=0.1).eval()
+    x = torch.randn(1, 32, 12, 10)
+    with torch.no_grad():
+        full = module(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            mixed = module(x)
+            q = torch.randn(4, 8, 12, 10)  # B 1, M 4, G 2
+            attn = ops.deformable_attention(q.bfloat16(), torch.randn(4, 8, 30).bfloat16(),
+                                            torch.randn(4, 8, 30).bfloat16(), torch.rand(2, 30, 2) * 2 - 1,
+                                            module.relative_position_table, torch.linspace(-1, 1, 12),
+                                            torch.linspace(-1, 1, 10), 2)
+    assert attn.dtype == torch.float32
+    torch.testing.assert_close(mixed.float(), full, atol=0.05, rtol=0.05)  # bf16 convolutions
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(osp.join(fixtures_dir(), '*.pth'))) or
+                         [pytest.param(None, marks=pytest.mark.skip(reason='no parity fixtures'))])
+@pytest.mark.parametrize('impl', ['reference', 'fast'])
+def test_official_parity_on_every_path(path, impl):
+    fixture = torch.load(path, map_location='cpu', weights_only=True)
+    model = DAT(**official_arch(fixture['config'], fixture['flavor']))
+    load_dat_checkpoint(model, fixture)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, NeighborhoodAttention):
+            m.attn_impl = impl
+    with torch.no_grad(), deformable_attention_impl(impl):
+        if 'stage_outputs' in fixture:
+            ours, theirs = model.forward_stages(fixture['input']), fixture['stage_outputs']
+        else:
+            ours, theirs = model(fixture['input']), fixture['outputs']
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) <= 1e-4
+
+
+@pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
+def test_backbone_paths_agree(arch):
+    model = _perturbed(DAT(arch).double(), scale=0.05).train()
+    x = torch.randn(1, 3, 64, 96, dtype=torch.double)
+
+    def run(impl):
+        for m in model.modules():
+            if isinstance(m, NeighborhoodAttention):
+                m.attn_impl = impl
+        return _run(model, x, impl)
+
+    _assert_same(run('reference'), run('fast'), atol=1e-9)
+
+
+@pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
+def test_flop_count_does_not_depend_on_the_path(arch):
+    """jit-traced FLOP counters (get_flops) see the reference ops whatever the path."""
+    from mmengine.analysis import FlopAnalyzer
+    model = DAT(arch).eval()
+    x = torch.randn(1, 3, 64, 96)
+
+    def count(impl):
+        for m in model.modules():
+            if isinstance(m, NeighborhoodAttention):
+                m.attn_impl = impl
+        with deformable_attention_impl(impl):
+            analyzer = FlopAnalyzer(model, (x,))
+            analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return analyzer.total(), analyzer.by_operator()
+
+    (fast, fast_ops), (reference, reference_ops) = count('fast'), count('reference')
+    assert fast == reference and fast_ops == reference_ops
+    assert reference_ops.get('einsum', 0) > 0  # the attention products are counted
+
+
+# ----------------------------------------------------------------------------- neighborhood
+
+@pytest.mark.parametrize('size,kernel,tile,chunk', [
+    ((7, 7), 7, 8, 1 << 20), ((9, 13), 3, 4, 1 << 20), ((16, 11), 7, 5, 100), ((23, 30), 7, 8, 3000),
+    ((8, 19), 5, 3, 1 << 20)])
+def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, chunk):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double).requires_grad_() for _ in range(3))
+    table = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen, dtype=torch.double).requires_grad_()
+    gout = torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double)
+    ref = neighborhood_attention(q, k, v, table, kernel)
+    fast = neighborhood_attention_tiled(q, k, v, table, kernel, tile, chunk)
+    torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad((ref * gout).sum(), (q, k, v, table)),
+                    torch.autograd.grad((fast * gout).sum(), (q, k, v, table))):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('size', [(12, 17), (5, 6)])
+def test_neighborhood_module_paths_agree(size):
+    module = _perturbed(NeighborhoodAttention(16, 2, 7, use_natten=False).double()).train()
+    x = torch.randn(2, 16, *size, dtype=torch.double)
+
+    def run(impl):
+        module.attn_impl = impl
+        return _run(module, x, impl)
+
+    _assert_same(run('reference'), run('fast'), atol=1e-10)
+
+
+def test_neighborhood_fast_path_keeps_no_neighbour_copies():
+    H, W, heads, d = 24, 40, 2, 16
+    module = NeighborhoodAttention(heads * d, heads, 7, use_natten=False)
+    x = torch.randn(1, heads * d, H, W, requires_grad=True)
+    gathered = 2 * heads * H * W * 49 * d * 4  # k and v of every query's 7 x 7 window
+    module.attn_impl = 'reference'
+    assert _saved_bytes(lambda: module(x)) > gathered
+    module.attn_impl = 'fast'
+    assert _saved_bytes(lambda: module(x)) < gathered / 8
+
+
+def test_tile_iteration_covers_everything():
+    tiles = list(ops._tiles(6, 10, 5, 25))  # two groups x one row per tile? 6 groups, 10 logits per row
+    covered = torch.zeros(6, 5, dtype=torch.int)
+    for g, a in tiles:
+        covered[g, a] += 1
+    assert (covered == 1).all()
+    for BG, per_row, H, target in itertools.product((1, 3), (7, 50), (1, 4, 9), (1, 30, 10 ** 6)):
+        covered = torch.zeros(BG, H, dtype=torch.int)
+        for g, a in ops._tiles(BG, per_row, H, target):
+            covered[g, a] += 1
+        assert (covered == 1).all()

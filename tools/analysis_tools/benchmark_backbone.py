@@ -1,0 +1,270 @@
+"""Time and peak memory of deformable-attention blocks and whole backbones.
+
+    python tools/analysis_tools/benchmark_backbone.py                    # everything
+    python tools/analysis_tools/benchmark_backbone.py --cases blocks --repeats 1
+    python tools/analysis_tools/benchmark_backbone.py --cases backbones --sizes 512x512 \\
+        --backbones datpp_t swin_t
+
+Cases:
+
+* ``blocks``: one deformable attention (spec letter ``D``: offsets, sampling, attention,
+  projections) at the three shapes of the issue, 800x1344 input, batch 1:
+  ``datpp_t_s1`` (DAT-T++ stage 1: C 64, 200x336 queries, key stride 8, 2 heads, 1 group),
+  ``datpp_t_s3`` (DAT-T++ stage 3: C 256, 50x84, stride 2, 8 heads, 4 groups),
+  ``dat_t_s3_r1`` (DAT-T stage 3 at key stride 1: C 384, 50x84, 12 heads, 3 groups); each
+  with the ``reference`` and the ``fast`` path (``--impls``); ratios are fast / reference.
+* ``backbones``: the backbones of ``configs/mask_rcnn_dat_t_3x.py`` (``dat_t``),
+  ``configs/mask_rcnn_datpp_t_3x.py`` (``datpp_t``) and mmdet's Swin-T
+  (``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``, ``swin_t``), built from
+  ``cfg.model.backbone`` with mmdet's registry (no checkpoint), at each ``--sizes``;
+  ratios are model / Swin-T at the same size. DAT backbones run their default (fast)
+  attention paths; ``--backbone-impls reference`` adds the reference paths.
+
+Every case runs in a fresh subprocess, twice: ``fwd`` (eval mode, ``torch.no_grad()``)
+and ``fwd+bwd`` (train mode; forward, sum of the outputs, backward). Time: the median
+(and min) of ``--repeats`` runs after ``--warmup`` runs. Peak memory:
+
+* CPU: the subprocess's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) at the
+  end of the case, reported raw (``peak RSS``) and minus the resident set measured after
+  the imports, before the model and the input are built (``mem``: what the case itself
+  needed, model weights and input included). Ratios use ``mem``.
+* CUDA: ``torch.cuda.max_memory_allocated()`` over the timed runs (after one warmup), the
+  CUDA caching allocator's peak of live tensors. ``--amp`` adds fp16-autocast cases.
+
+The load average and the CPU affinity are printed: CPU timings are only comparable on an
+otherwise idle machine (pin with ``taskset -c 0,1`` and keep ``--threads`` to the cores).
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+#: name -> (embed_dims, heads, groups, key_stride, offset kernel, offset_range_factor,
+#:          table size, flavor, H, W)
+BLOCKS = {
+    'datpp_t_s1': (64, 2, 1, 8, 9, -1, 56, 'pp', 200, 336),
+    'datpp_t_s3': (256, 8, 4, 2, 5, -1, 14, 'pp', 50, 84),
+    'dat_t_s3_r1': (384, 12, 3, 1, 5, 2, 14, 'pp', 50, 84),
+}
+BACKBONES = {
+    'dat_t': osp.join(REPO, 'configs', 'mask_rcnn_dat_t_3x.py'),
+    'datpp_t': osp.join(REPO, 'configs', 'mask_rcnn_datpp_t_3x.py'),
+    'swin_t': 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--cases', nargs='+', default=['blocks', 'backbones'], choices=['blocks', 'backbones'])
+    p.add_argument('--blocks', nargs='+', default=list(BLOCKS), choices=list(BLOCKS))
+    p.add_argument('--impls', nargs='+', default=['reference', 'fast'], choices=['reference', 'fast'],
+                   help='deformable attention paths of the block cases')
+    p.add_argument('--backbones', nargs='+', default=list(BACKBONES), choices=list(BACKBONES))
+    p.add_argument('--backbone-impls', nargs='+', default=['fast'], choices=['reference', 'fast'],
+                   help='attention paths of the DAT backbones (Swin-T has one)')
+    p.add_argument('--sizes', nargs='+', default=['800x1344', '512x512'], help='backbone inputs HxW')
+    p.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
+    p.add_argument('--repeats', type=int, default=3, help='timed runs per case')
+    p.add_argument('--warmup', type=int, default=1, help='untimed runs before them')
+    p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    p.add_argument('--amp', action='store_true', help='CUDA: also run every case under fp16 autocast')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    p.add_argument('--timeout', type=float, default=1800, help='seconds per case subprocess')
+    p.add_argument('--json', default=None, help='also write all results to this file')
+    p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- worker side
+
+def _rss_mb() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def _build(case):
+    import torch
+    if case['kind'] == 'block':
+        from mmdat.models.layers.deformable_attention import DeformableAttention
+        C, M, G, r, ks, orf, table, flavor, H, W = BLOCKS[case['name']]
+        model = DeformableAttention(C, M, G, r, ks, orf, (table, table), flavor, attn_impl=case['impl'])
+        return model, torch.randn(1, C, H, W)
+    import mmdat  # noqa: F401  registers DAT
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.hub import get_config
+    register_all_modules()
+    path = BACKBONES[case['name']]
+    cfg = get_config(path) if '::' in path else Config.fromfile(path)
+    backbone = cfg.model.backbone
+    backbone.pop('init_cfg', None)
+    backbone.pop('pretrained', None)
+    model = MODELS.build(backbone)
+    for m in model.modules():
+        if hasattr(m, 'attn_impl'):
+            m.attn_impl = case['impl']
+    H, W = case['size']
+    return model, torch.randn(1, 3, H, W)
+
+
+def _outputs_sum(out):
+    import torch
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    return sum(o.float().sum() for o in out)
+
+
+def run_case(case) -> dict:
+    import torch
+    if case['threads']:
+        torch.set_num_threads(case['threads'])
+    device = torch.device(case['device'])
+    base_rss = _rss_mb()
+    torch.manual_seed(0)
+    model, x = _build(case)
+    model, x = model.to(device), x.to(device)
+    train = case['mode'] == 'fwd+bwd'
+    model.train(train)
+    amp = torch.autocast(device.type, dtype=torch.float16, enabled=case['amp'])
+
+    def step():
+        if train:
+            model.zero_grad(set_to_none=True)
+            with amp:
+                loss = _outputs_sum(model(x))
+            loss.backward()
+        else:
+            with torch.no_grad(), amp:
+                model(x)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    for _ in range(case['warmup']):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(case['repeats']):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    result = dict(case, time=statistics.median(times), time_min=min(times), times=times)
+    if device.type == 'cuda':
+        result['mem'] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+        result['peak_rss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result['base_rss'] = base_rss
+        result['mem'] = result['peak_rss'] - base_rss
+    return result
+
+
+# --------------------------------------------------------------------------- driver side
+
+def _cases(args, device):
+    amps = [False, True] if (args.amp and device == 'cuda') else [False]
+    common = dict(device=device, threads=args.threads, repeats=args.repeats, warmup=args.warmup)
+    cases = []
+    for amp in amps:
+        if 'blocks' in args.cases:
+            for name in args.blocks:
+                for impl in args.impls:
+                    for mode in args.modes:
+                        cases.append(dict(common, kind='block', name=name, impl=impl, size=None, mode=mode, amp=amp))
+        if 'backbones' in args.cases:
+            for size in args.sizes:
+                H, W = (int(v) for v in size.lower().split('x'))
+                for name in args.backbones:
+                    impls = ['-'] if name == 'swin_t' else args.backbone_impls
+                    for impl in impls:
+                        for mode in args.modes:
+                            cases.append(dict(common, kind='backbone', name=name, impl=impl, size=(H, W),
+                                              mode=mode, amp=amp))
+    return cases
+
+
+def _spawn(case, timeout) -> dict:
+    cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(case)]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return dict(case, error=f'timeout after {timeout:.0f} s')
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith('RESULT '):
+            return json.loads(line[len('RESULT '):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(case, error=' | '.join(tail) or f'exit code {proc.returncode}')
+
+
+def _label(r):
+    size = 'x'.join(map(str, r['size'])) if r.get('size') else ''
+    return r['name'], size, r['impl'], r['mode'] + (' amp' if r['amp'] else '')
+
+
+def _fmt_ratio(a, b):
+    return f'{a / b:.2f}' if a is not None and b else '-'
+
+
+def report(results, device):
+    mem_name = 'mem MB' if device != 'cuda' else 'cuda max MB'
+    header = f'{"case":14s} {"input":9s} {"impl":9s} {"mode":12s} {"time s":>8s} {"min s":>8s} {mem_name:>11s}'
+    if device != 'cuda':
+        header += f' {"peak RSS":>9s}'
+    header += f'  {"t ratio":>7s} {"m ratio":>7s}  ratio of'
+    print(header)
+    print('-' * len(header))
+    keyed = {_label(r): r for r in results}
+    for r in results:
+        name, size, impl, mode = _label(r)
+        if 'error' in r:
+            print(f'{name:14s} {size:9s} {impl:9s} {mode:12s} ERROR: {r["error"]}')
+            continue
+        if r['kind'] == 'block':
+            other, what = keyed.get((name, size, 'reference', mode)), 'fast / reference'
+        else:
+            other = keyed.get(('swin_t', size, '-', mode))
+            what = f'{name} / swin_t'
+        line = f'{name:14s} {size:9s} {impl:9s} {mode:12s} {r["time"]:8.3f} {r["time_min"]:8.3f} {r["mem"]:11.0f}'
+        if device != 'cuda':
+            line += f' {r["peak_rss"]:9.0f}'
+        if other is not None and other is not r and 'error' not in other:
+            line += f'  {_fmt_ratio(r["time"], other["time"]):>7s} {_fmt_ratio(r["mem"], other["mem"]):>7s}  {what}'
+        print(line)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print('RESULT ' + json.dumps(run_case(json.loads(args.worker))), flush=True)
+        return
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    print(f'torch {torch.__version__}, device {device}'
+          + (f' ({torch.cuda.get_device_name()})' if device == 'cuda' else
+             f', threads {args.threads or torch.get_num_threads()}, affinity {sorted(os.sched_getaffinity(0))}'))
+    print(f'load average at start: {os.getloadavg()}')
+    results = []
+    for case in _cases(args, device):
+        r = _spawn(case, args.timeout)
+        results.append(r)
+        name, size, impl, mode = _label(r)
+        status = r.get('error') or f'{r["time"]:.3f} s, {r["mem"]:.0f} MB'
+        print(f'  {name} {size} {impl} {mode}: {status}', flush=True)
+    print(f'load average at end: {os.getloadavg()}\n')
+    report(results, device)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
