@@ -19,6 +19,11 @@ from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, n
 from conftest import NANO_PP, NANO_V1, fixtures_dir
 
 
+NATIVE = ops.native_library() is not None
+BIAS_IMPLS = [pytest.param(True, id='native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
+              pytest.param(False, id='torch-bias')]
+
+
 def _perturbed(module, scale=0.3):
     """Random non-trivial weights (zero-initialised tables, unit norms, ... all perturbed)."""
     gen = torch.Generator().manual_seed(1)
@@ -63,12 +68,14 @@ DA_CASES = [  # embed_dims, heads, groups, key stride, offset_range_factor, tabl
 ]
 
 
+@pytest.mark.parametrize('native', BIAS_IMPLS)
 @pytest.mark.parametrize('tile', [None, 300, 2000], ids=['one-tile', 'row-and-group-tiles', 'row-tiles'])
 @pytest.mark.parametrize('case', DA_CASES, ids=lambda c: f'{c[6]}-C{c[0]}-M{c[1]}-G{c[2]}-r{c[3]}-s{c[4]}'
                          f'-{"table" if c[5] else "notable"}-B{c[8]}')
-def test_deformable_paths_agree_float64(case, tile, monkeypatch):
+def test_deformable_paths_agree_float64(case, tile, native, monkeypatch):
     """Outputs and gradients (input, offset network, table, projections) agree to rounding."""
     C, M, G, r, orf, table, flavor, size, B = case
+    monkeypatch.setattr(ops, 'USE_NATIVE', native)
     if tile is not None:
         monkeypatch.setitem(ops.DEFAULT_TILE_ELEMENTS, 'cpu', tile)
     module = _perturbed(DeformableAttention(C, M, G, r, 3, orf, table, flavor).double())
@@ -80,8 +87,10 @@ def test_deformable_paths_agree_float64(case, tile, monkeypatch):
     assert fast[1]['offset.proj.weight'].abs().sum() > 0
 
 
-def test_deformable_paths_agree_float32():
+@pytest.mark.parametrize('native', BIAS_IMPLS)
+def test_deformable_paths_agree_float32(native, monkeypatch):
     """In float32 both paths are equally far from the float64 result (gradients here reach 1e3)."""
+    monkeypatch.setattr(ops, 'USE_NATIVE', native)
     module = _perturbed(DeformableAttention(64, 4, 2, 2, 5, -1, (14, 14), 'pp'), scale=0.1)
     x = torch.randn(2, 64, 24, 40)
     (ref_out, ref_grads), (fast_out, fast_grads) = _run(module, x, 'reference'), _run(module, x, 'fast')
@@ -104,15 +113,19 @@ def _bias_reference(q, k, v, pos, table, qy, qx, groups):
     return torch.einsum('bmn,bcn->bcm', attn, v).reshape(BM, d, H, W)
 
 
-@pytest.mark.parametrize('where', ['far-outside', 'grid-nodes', 'border'])
-def test_bias_matches_grid_sample_at_edges(where):
+@pytest.mark.parametrize('native', BIAS_IMPLS)
+@pytest.mark.parametrize('where', ['far-outside', 'grid-nodes', 'border', 'huge'])
+def test_bias_matches_grid_sample_at_edges(where, native, monkeypatch):
     """Zero padding at any distance, table borders and exact grid nodes, incl. gradients."""
+    monkeypatch.setattr(ops, 'USE_NATIVE', native)
     gen = torch.Generator().manual_seed(0)
     B, G, Mg, d, H, W, Th, Tw = 2, 2, 2, 4, 5, 7, 7, 9
     Ns = 12
     qy, qx = _axis_grid(H, False, 'pp', 'cpu', torch.double), _axis_grid(W, False, 'pp', 'cpu', torch.double)
     if where == 'far-outside':
         pos = torch.rand(B * G, Ns, 2, generator=gen, dtype=torch.double) * 8 - 4
+    elif where == 'huge':  # beyond int32 table coordinates
+        pos = torch.randn(B * G, Ns, 2, generator=gen, dtype=torch.double) * 1e12
     elif where == 'grid-nodes':  # table coordinates exactly integer
         pos = torch.stack([qy[torch.randint(0, H, (B * G * Ns,), generator=gen)],
                            qx[torch.randint(0, W, (B * G * Ns,), generator=gen)]], -1).view(B * G, Ns, 2)
@@ -159,6 +172,28 @@ def test_deformable_fast_path_keeps_no_logits():
     with deformable_attention_impl('fast'):
         saved = _saved_bytes(lambda: module(x))
     assert saved < 20 * C * H * W * 4 < logits / 10
+
+
+def test_native_kernels_build_here_and_can_be_disabled(monkeypatch, tmp_path):
+    """Where a C compiler exists (as here) the CPU bias runs in C; MMDAT_NATIVE_OPS=0 opts out."""
+    import shutil
+    if shutil.which('cc') or shutil.which('gcc'):
+        assert NATIVE
+    monkeypatch.setenv('MMDAT_NATIVE_OPS', '0')
+    ops.native_library.cache_clear()
+    try:
+        assert ops.native_library() is None
+        bias = ops._make_bias(torch.zeros(1, 3, 2), torch.zeros(1, 3, 3), torch.zeros(2), torch.zeros(2), 1)
+        assert isinstance(bias, ops._TorchBias)
+    finally:
+        ops.native_library.cache_clear()
+    monkeypatch.setenv('MMDAT_NATIVE_OPS', '1')
+    monkeypatch.setenv('MMDAT_CACHE_DIR', str(tmp_path))  # a fresh build, as on first use
+    try:
+        if NATIVE:
+            assert ops.native_library() is not None and list(tmp_path.glob('*.so'))
+    finally:
+        ops.native_library.cache_clear()
 
 
 def test_path_selection():

@@ -89,25 +89,32 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 
 
-def _build(case):
-    import torch
+def _import(case):
+    """Imports what the case needs, so that the baseline resident set includes them."""
     if case['kind'] == 'block':
         from mmdat.models.layers.deformable_attention import DeformableAttention
-        C, M, G, r, ks, orf, table, flavor, H, W = BLOCKS[case['name']]
-        model = DeformableAttention(C, M, G, r, ks, orf, (table, table), flavor, attn_impl=case['impl'])
-        return model, torch.randn(1, C, H, W)
+        return DeformableAttention
     import mmdat  # noqa: F401  registers DAT
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    register_all_modules()
+    return MODELS
+
+
+def _build(case, factory):
+    import torch
+    if case['kind'] == 'block':
+        C, M, G, r, ks, orf, table, flavor, H, W = BLOCKS[case['name']]
+        model = factory(C, M, G, r, ks, orf, (table, table), flavor, attn_impl=case['impl'])
+        return model, torch.randn(1, C, H, W)
     from mmengine.config import Config
     from mmengine.hub import get_config
-    register_all_modules()
     path = BACKBONES[case['name']]
     cfg = get_config(path) if '::' in path else Config.fromfile(path)
     backbone = cfg.model.backbone
     backbone.pop('init_cfg', None)
     backbone.pop('pretrained', None)
-    model = MODELS.build(backbone)
+    model = factory.build(backbone)
     for m in model.modules():
         if hasattr(m, 'attn_impl'):
             m.attn_impl = case['impl']
@@ -127,9 +134,10 @@ def run_case(case) -> dict:
     if case['threads']:
         torch.set_num_threads(case['threads'])
     device = torch.device(case['device'])
+    factory = _import(case)
     base_rss = _rss_mb()
     torch.manual_seed(0)
-    model, x = _build(case)
+    model, x = _build(case, factory)
     model, x = model.to(device), x.to(device)
     train = case['mode'] == 'fwd+bwd'
     model.train(train)

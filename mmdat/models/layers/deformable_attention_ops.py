@@ -9,33 +9,44 @@ displacement grid itself. This module computes the same function tile by tile:
   temporaries are two tile-sized buffers, allocated once per call and reused: peak memory
   does not grow with ``HW x Ns``. The backward pass recomputes each tile's logits from the
   saved ``q, k, v`` and log-sum-exp (as flash attention does) instead of storing the
-  attention weights.
+  attention weights; the subtractions of the log-sum-exp and of ``rowsum(dO * O)`` ride on
+  the matmuls as an extra channel.
 * The bias is computed without the displacement grid. With queries on a regular grid, the
   table coordinate of query ``(a, b)`` and key ``j`` separates per axis: the row coordinate
-  depends on ``(a, j)`` only and the column coordinate on ``(b, j)`` only. A tile first
-  interpolates, for each key and each of its query rows, the table along ``y`` over the
-  band of table columns the key's queries can reach (``R``, about ``Wq / W`` of the tile's
-  size), then interpolates ``R`` along ``x`` for every query column with one gather of
-  ``R`` and one of its column differences. The backward pass scatters the bias gradient
-  back the same way (two ``scatter_add`` into ``R``-sized buffers) and derives the table
-  and position gradients at ``R`` size.
+  depends on ``(a, j)`` only and the column coordinate on ``(b, j)`` only. For each key and
+  query row, the table is first interpolated along ``y`` over the band of columns the key's
+  queries reach (``R``, about ``Wq / W`` of the tile's size), then ``R`` is interpolated
+  along ``x`` at every query column (indices and weights shared by all rows and heads).
+  The backward pass sums the bias gradient back into ``R``-sized buffers per key and row
+  and derives the table and position gradients from them.
+
+Two implementations of the bias, same numbers: on CPU a small C kernel (OpenMP, compiled
+on first use with the system's C compiler into ``~/.cache/mmdat``, loaded with ctypes,
+about a second; ``MMDAT_NATIVE_OPS=0`` disables it), otherwise (CUDA, no compiler) PyTorch
+gathers and scatters.
 
 Semantics are those of ``F.grid_sample(table, (q - p) / 2, mode='bilinear',
-padding_mode='zeros', align_corners=True)``: the table is padded with one zero row and
-column on every side and corner indices are clamped into the padded table, which gives
-zero for corners outside the table at any distance; gradients w.r.t. the positions are the
-corner differences, as grid_sample's.
-
-Everything runs in float32 (inputs are cast up under autocast) and works on any device; on
-CPU the tile size is chosen to keep the working set near the L2 cache.
+padding_mode='zeros', align_corners=True)``: table cells outside the table are zero at any
+distance, and gradients w.r.t. the positions are corner differences, as grid_sample's.
+Everything runs in float32 or float64 (inputs are cast to float32 under autocast).
 """
+import ctypes
+import functools
+import hashlib
 import math
+import os
+import os.path as osp
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
 from typing import Optional, Tuple
 
 import torch
 
 #: Target number of logits per tile, by device type (overridable per call).
-DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 19, 'cuda': 1 << 26}
+DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 21, 'cuda': 1 << 26}
 
 
 def _axis_coords(qc: torch.Tensor, pc: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +77,8 @@ def _band(qc: torch.Tensor, size: int) -> int:
     return int(math.floor(span + 1e-3)) + 3
 
 
-class _Geometry:
-    """Everything about the bias that does not depend on the tile, built once per call.
+class _TorchBias:
+    """The bias with PyTorch ops (any device); built once per pass, then used per tile.
 
     The table is zero-padded by one row above and below and by ``P = bx + 1`` columns left
     and right, flattened per head, and unfolded into windows of ``bx`` columns stored as
@@ -107,6 +118,7 @@ class _Geometry:
         windows = torch.nn.functional.pad(flat, (0, bx + 1)).unfold(-1, bx + 1, 1)[:, :G * flat_len]
         self.windows = torch.complex(windows[..., :-1], windows[..., 1:] - windows[..., :-1])  # (Mg, G*len, bx)
         self.flat_len = flat_len
+        self.dflat = None
 
     def rows(self, g: slice, a: slice):
         """``R`` ``(nbg, Mg, Ns, A, bx)`` complex: the table interpolated along y at the
@@ -123,16 +135,302 @@ class _Geometry:
         fy = self.fy[g, :, a].view(n, 1, Ns, A, 1, 1)
         return torch.view_as_complex(torch.lerp(c0, c1, fy)), c0, c1, fy
 
-    def bias(self, g: slice, a: slice, W: int, out: torch.Tensor, tmp: torch.Tensor):
-        """Writes the tile's bias ``(nbg, Mg, Ns, A, W)`` into ``out`` (``tmp``: complex
-        scratch of the same shape); returns what the backward needs."""
+    def write(self, g: slice, a: slice, out: torch.Tensor, scratch: torch.Tensor):
+        """Writes the tile's bias ``(nbg, Mg, Ns, A, W)`` into ``out`` (``scratch``: twice
+        its size); returns what ``backward`` needs."""
         R, c0, c1, fy = self.rows(g, a)
-        n, Mg, Ns, A = R.shape[:4]
+        n, Mg, Ns, A, W = out.shape
         index = self.ix[g].view(n, 1, Ns, 1, W).expand(n, Mg, Ns, A, W)
+        tmp = torch.view_as_complex(scratch[:2 * out.numel()].view(*out.shape, 2))
         picked = torch.view_as_real(torch.gather(R, 4, index, out=tmp))
         torch.addcmul(picked[..., 0], picked[..., 1], self.fx[g].view(n, 1, Ns, 1, W), out=out)
         return index, R, c0, c1, fy
 
+    def backward(self, g: slice, a: slice, dS: torch.Tensor, scratch: torch.Tensor, saved):
+        """Accumulates the table and position gradients of one tile's bias from ``dS``
+        (``scratch``: a buffer of ``dS``'s size)."""
+        index, R, c0, c1, fy = saved
+        n, Mg, Ns, A, W = dS.shape
+        bx = self.bx
+        if self.dflat is None:
+            BG = self.fx.shape[0]
+            self.dflat = dS.new_zeros(Mg, self.windows.shape[1] + bx + 1)
+            self.dpy, self.dpx = dS.new_zeros(BG, Ns), dS.new_zeros(BG, Ns)
+        # bias = Re R[i] + fx * Im R[i] at i = index: gradient w.r.t. (Re R, Im R) as pairs
+        dR = dS.new_zeros(n, Mg, Ns, A, bx, 2)
+        dR[..., 0].scatter_add_(4, index, dS)
+        tmp = scratch[:dS.numel()].view_as(dS)
+        torch.mul(dS, self.fx[g].view(n, 1, Ns, 1, W), out=tmp)
+        dR[..., 1].scatter_add_(4, index, tmp)
+        self.dpx[g] += (dR[..., 0] * R.imag).sum((1, 3, 4))
+        # R = c0 + fy * (c1 - c0)
+        self.dpy[g] += (dR * (c1 - c0)).sum((1, 3, 4, 5))
+        d1 = dR * fy
+        d0 = dR.sub_(d1)
+        # window s holds T[s + x] and T[s + x + 1] - T[s + x]: back to the flat table
+        offsets = torch.arange(bx + 1, device=dS.device)
+        for d_, base in ((d0, self.base0), (d1, self.base1)):
+            u = torch.nn.functional.pad(d_[..., 0] - d_[..., 1], (0, 1))
+            u[..., 1:] += d_[..., 1]
+            index_flat = (base[g, :, a].unsqueeze(-1) + offsets).view(1, n, 1, Ns, A, bx + 1)
+            self.dflat.view(Mg, -1).scatter_add_(
+                1, index_flat.expand(Mg, n, 1, Ns, A, bx + 1).reshape(Mg, -1), u.transpose(0, 1).reshape(Mg, -1))
+
+    def grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. the positions ``(BG, Ns, 2)`` and the table ``(M, Th, Tw)``."""
+        dpos = torch.stack([self.dpy * (-(self.Th - 1) / 4), self.dpx * (-(self.Tw - 1) / 4)], -1)
+        P = self.bx + 1
+        dtab = self.dflat[:, :self.G * self.flat_len].view(self.Mg, self.G, self.Th + 2, self.Wp).transpose(0, 1)
+        return dpos, dtab.reshape(self.G * self.Mg, self.Th + 2, self.Wp)[:, 1:-1, P:P + self.Tw]
+
+
+# ----------------------------------------------------------------------------- native (CPU)
+
+_C_HEADER = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+"""
+
+#: One tile of the bias, forward and backward; included once per scalar type.
+_C_KERNELS = r"""
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define NAME(f) CAT(f, SUFFIX)
+
+static inline scalar_t NAME(cell)(const scalar_t *t, int Th, int Tw, int y, int x) {
+    return (y >= 0 && y < Th && x >= 0 && x < Tw) ? t[(int64_t)y * Tw + x] : (scalar_t)0;
+}
+
+/* R[x] = table row y0 + fy * (row y0+1 - row y0), x over the key's band of columns */
+static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, int xs, int bx,
+                              scalar_t *R, scalar_t *D) {
+    for (int x = 0; x < bx; x++) {
+        scalar_t t0 = NAME(cell)(t, Th, Tw, y0, xs + x), t1 = NAME(cell)(t, Th, Tw, y0 + 1, xs + x);
+        R[x] = t0 + w * (t1 - t0);
+        if (D) D[x] = t1 - t0;
+    }
+}
+
+void NAME(bias_forward)(const scalar_t *table, const int32_t *lo_y, const scalar_t *fy, const int32_t *lo_x,
+                        const scalar_t *fx, scalar_t *out, int G, int Mg, int Ns, int H, int W, int Th, int Tw,
+                        int g0, int n, int a0, int A, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        scalar_t *R = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)(2 * W + 2 * Tw + 8));
+#pragma omp for schedule(static)
+        for (int64_t gj = 0; gj < (int64_t)n * Ns; gj++) {
+            int bgl = (int)(gj / Ns), j = (int)(gj % Ns), bg = g0 + bgl;
+            const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
+            const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
+            int xs = lx[0], bx = lx[W - 1] - xs + 2;
+            scalar_t *Rd = R + bx;
+            for (int a = 0; a < A; a++) {
+                int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
+                for (int m = 0; m < Mg; m++) {
+                    const scalar_t *t = table + (int64_t)((bg % G) * Mg + m) * Th * Tw;
+                    NAME(rows)(t, Th, Tw, lo_y[yi], fy[yi], xs, bx, R, NULL);
+                    for (int x = 0; x + 1 < bx; x++) Rd[x] = R[x + 1] - R[x];
+                    scalar_t *o = out + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
+                    for (int b = 0; b < W; b++) {
+                        int i = lx[b] - xs;
+                        o[b] = R[i] + wx[b] * Rd[i];
+                    }
+                }
+            }
+        }
+        free(R);
+    }
+}
+
+/* dtable (nthreads, M, Th, Tw): per-thread accumulators; dcoord (BG, Ns, 2) += gradients
+   w.r.t. the keys' table coordinates (y, x); the caller scales them to positions. */
+void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scalar_t *fy, const int32_t *lo_x,
+                         const scalar_t *fx, const scalar_t *dS, scalar_t *dtable, scalar_t *dcoord, int G, int Mg,
+                         int Ns, int H, int W, int Th, int Tw, int g0, int n, int a0, int A, int nthreads) {
+    int64_t M = (int64_t)G * Mg;
+#pragma omp parallel num_threads(nthreads)
+    {
+        scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)(4 * W + 4 * Tw + 16));
+        scalar_t *dt = dtable + (int64_t)omp_get_thread_num() * M * Th * Tw;
+#pragma omp for schedule(static)
+        for (int64_t gj = 0; gj < (int64_t)n * Ns; gj++) {
+            int bgl = (int)(gj / Ns), j = (int)(gj % Ns), bg = g0 + bgl;
+            const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
+            const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
+            int xs = lx[0], bx = lx[W - 1] - xs + 2;
+            scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx;
+            scalar_t gy = 0, gx = 0;
+            for (int a = 0; a < A; a++) {
+                int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
+                int y0 = lo_y[yi];
+                scalar_t w = fy[yi];
+                for (int m = 0; m < Mg; m++) {
+                    int64_t head = (int64_t)((bg % G) * Mg + m);
+                    const scalar_t *g = dS + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
+                    /* bias[b] = (1 - fx) R[i] + fx R[i + 1], i = lo_x[b] - xs */
+                    memset(Eu, 0, sizeof(scalar_t) * 2 * (size_t)bx);
+                    for (int b = 0; b < W; b++) {
+                        int i = lx[b] - xs;
+                        Eu[i] += g[b];
+                        E1[i] += g[b] * wx[b];
+                    }
+                    NAME(rows)(table + head * Th * Tw, Th, Tw, y0, w, xs, bx, R, D);
+                    scalar_t *d = dt + head * Th * Tw;
+                    for (int x = 0; x < bx; x++) {
+                        if (x + 1 < bx) gx += Eu[x] * (R[x + 1] - R[x]);
+                        scalar_t dr = Eu[x] - E1[x] + (x > 0 ? E1[x - 1] : (scalar_t)0);
+                        gy += dr * D[x];
+                        int xx = xs + x;
+                        if (xx < 0 || xx >= Tw) continue;
+                        if (y0 >= 0 && y0 < Th) d[(int64_t)y0 * Tw + xx] += dr - dr * w;
+                        if (y0 + 1 >= 0 && y0 + 1 < Th) d[(int64_t)(y0 + 1) * Tw + xx] += dr * w;
+                    }
+                }
+            }
+            dcoord[((int64_t)bg * Ns + j) * 2] += gy;
+            dcoord[((int64_t)bg * Ns + j) * 2 + 1] += gx;
+        }
+        free(buf);
+    }
+}
+"""
+
+#: Compiler flags to try, best first.
+_C_FLAGS = (('-O3', '-march=native', '-fopenmp'), ('-O3', '-fopenmp'), ('-O3',))
+
+
+def _c_source() -> str:
+    parts = [_C_HEADER]
+    for scalar, suffix in (('float', 'f32'), ('double', 'f64')):
+        parts += [f'#define scalar_t {scalar}\n#define SUFFIX {suffix}\n', _C_KERNELS,
+                  '#undef scalar_t\n#undef SUFFIX\n#undef CAT2\n#undef CAT\n#undef NAME\n']
+    return '\n'.join(parts)
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        return ''
+
+
+@functools.lru_cache(maxsize=1)
+def native_library() -> Optional[ctypes.CDLL]:
+    """The compiled bias kernels, or ``None`` (disabled, no C compiler, build failed).
+
+    Built once per source, compiler and CPU into ``$MMDAT_CACHE_DIR`` (default
+    ``~/.cache/mmdat``); ``MMDAT_NATIVE_OPS=0`` disables them.
+    """
+    if os.environ.get('MMDAT_NATIVE_OPS', '1') == '0':
+        return None
+    try:
+        return _load_native()
+    except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
+        warnings.warn(f'mmdat: native deformable-attention bias kernels unavailable ({e}); '
+                      'using the PyTorch implementation')
+        return None
+
+
+def _load_native() -> ctypes.CDLL:
+    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
+    if cc is None:
+        raise RuntimeError('no C compiler found')
+    source = _c_source()
+    key = hashlib.sha256('\0'.join([source, cc, platform.machine(), _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    cache = os.environ.get('MMDAT_CACHE_DIR') or osp.join(
+        os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'mmdat')
+    path = osp.join(cache, f'deformable_attention_bias_{key}.so')
+    if not osp.isfile(path):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src = osp.join(tmp, 'bias.c')
+            with open(src, 'w') as f:
+                f.write(source)
+            errors = []
+            for flags in _C_FLAGS:
+                out = osp.join(tmp, 'bias.so')
+                proc = subprocess.run([cc, *flags, '-fPIC', '-shared', src, '-o', out], capture_output=True,
+                                      text=True, timeout=300)
+                if proc.returncode == 0:
+                    os.replace(out, path)  # atomic: concurrent builds are harmless
+                    break
+                errors.append(proc.stderr.strip().splitlines()[-1:] or [f'exit {proc.returncode}'])
+            else:
+                raise RuntimeError(f'{cc} failed: {errors}')
+    lib = ctypes.CDLL(path)
+    ints = [ctypes.c_int] * 12
+    for suffix in ('f32', 'f64'):
+        getattr(lib, f'bias_forward_{suffix}').argtypes = [ctypes.c_void_p] * 6 + ints
+        getattr(lib, f'bias_backward_{suffix}').argtypes = [ctypes.c_void_p] * 8 + ints
+        getattr(lib, f'bias_forward_{suffix}').restype = None
+        getattr(lib, f'bias_backward_{suffix}').restype = None
+    return lib
+
+
+class _NativeBias:
+    """The bias by the C kernels (CPU, float32 / float64): per call only the per-axis table
+    coordinates are built (``(BG, Ns, H)`` and ``(BG, Ns, W)``), the rest is per tile in C."""
+
+    def __init__(self, lib, pos: torch.Tensor, table: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor,
+                 groups: int):
+        BG, Ns, _ = pos.shape
+        M, Th, Tw = table.shape
+        self.lib, self.table = lib, table.contiguous()
+        self.suffix = 'f32' if table.dtype == torch.float32 else 'f64'
+        self.threads = torch.get_num_threads()
+        lo_y, self.fy = _axis_coords(qy, pos[..., 0], Th)
+        lo_x, self.fx = _axis_coords(qx, pos[..., 1], Tw)
+        # far outside the table all corners are zero anyway; the clamp keeps int32 and the
+        # kernels' bands small (monotone, so lo_x stays non-decreasing along W)
+        self.lo_y = lo_y.clamp_(-2 * Th - 2, 3 * Th + 2).int()
+        self.lo_x = lo_x.clamp_(-2 * Tw - 2, 3 * Tw + 2).int()
+        self.dims = [groups, M // groups, Ns, qy.numel(), qx.numel(), Th, Tw]
+        self.dtable = self.dcoord = None
+
+    def _args(self, g: slice, a: slice):
+        return self.dims + [g.start, g.stop - g.start, a.start, a.stop - a.start, self.threads]
+
+    def _ptrs(self, *tensors):
+        return [t.data_ptr() for t in (self.table, self.lo_y, self.fy, self.lo_x, self.fx) + tensors]
+
+    def write(self, g: slice, a: slice, out: torch.Tensor, scratch: torch.Tensor):
+        getattr(self.lib, 'bias_forward_' + self.suffix)(*self._ptrs(out), *self._args(g, a))
+
+    def backward(self, g: slice, a: slice, dS: torch.Tensor, scratch: torch.Tensor, saved):
+        if self.dtable is None:
+            self.dtable = dS.new_zeros(self.threads, *self.table.shape)  # one per thread
+            self.dcoord = dS.new_zeros(self.fx.shape[0], self.dims[2], 2)
+        getattr(self.lib, 'bias_backward_' + self.suffix)(*self._ptrs(dS, self.dtable, self.dcoord),
+                                                         *self._args(g, a))
+
+    def grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        Th, Tw = self.dims[5:7]
+        return self.dcoord * self.dcoord.new_tensor([-(Th - 1) / 4, -(Tw - 1) / 4]), self.dtable.sum(0)
+
+
+#: Use the C kernels on CPU when they build (tests switch this off to check the fallback).
+USE_NATIVE = True
+
+
+def _make_bias(pos, table, qy, qx, groups):
+    if table is None:
+        return None
+    if USE_NATIVE and table.device.type == 'cpu' and table.dtype in (torch.float32, torch.float64) \
+            and torch.isfinite(pos).all():
+        lib = native_library()
+        if lib is not None:
+            return _NativeBias(lib, pos, table, qy, qx, groups)
+    return _TorchBias(pos, table, qy, qx, groups)
+
+
+# ----------------------------------------------------------------------------- attention
 
 def _tiles(BG: int, per_group_row: int, H: int, target: int):
     """``(group slice, row slice)`` tiles of about ``target`` logits each."""
@@ -164,7 +462,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         BM, d, H, W = q.shape
         Ns, BG = k.shape[-1], pos.shape[0]
         Mg = BM // BG
-        geo = _Geometry(pos, table, qy, qx, groups) if table is not None else None
+        bias = _make_bias(pos, table, qy, qx, groups)
         out = q.new_empty(BM, d, H, W)
         lse = q.new_empty(BM, H, W)
         tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
@@ -179,8 +477,8 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             S3 = S.view(n * Mg, Ns, A * W)
             qt = qv[g, :, :, a].reshape(n * Mg, d, A * W)
             kt = kv[g].reshape(n * Mg, d, Ns)
-            if geo is not None:
-                geo.bias(g, a, W, S, torch.view_as_complex(buf2[:2 * size].view(*S.shape, 2)))
+            if bias is not None:
+                bias.write(g, a, S, buf2)
                 S3.baddbmm_(kt.transpose(1, 2), qt)
             else:
                 torch.bmm(kt.transpose(1, 2), qt, out=S3)
@@ -207,7 +505,7 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
     BM, d, H, W = q.shape
     Ns, BG = k.shape[-1], pos.shape[0]
     Mg = BM // BG
-    geo = _Geometry(pos, table, qy, qx, groups) if table is not None else None
+    bias = _make_bias(pos, table, qy, qx, groups)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # Augmented operands fold the two per-query subtractions into the matmuls:
     # [k; 1]^T [q; -lse] = S_qk - lse and [v; 1]^T [dO; -D] = dP - D with D = rowsum(dO * O).
@@ -219,9 +517,6 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
     doa = doa.view(BG, Mg, d + 1, H, W)
     tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
     buf, buf2 = _buffers(q, tiles, Mg * Ns * W)
-    if geo is not None:
-        dflat = q.new_zeros(Mg, geo.windows.shape[1] + geo.bx + 1)
-        dpy, dpx = pos.new_zeros(BG, Ns), pos.new_zeros(BG, Ns)
     dkv, dvv = dk.view(BG, Mg, d, Ns), dv.view(BG, Mg, d, Ns)
     for g, a in tiles:
         n, A = g.stop - g.start, a.stop - a.start
@@ -231,8 +526,8 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
         qt = qa[g, :, :, a].reshape(n * Mg, d + 1, A * W)
         kt = ka[g].reshape(n * Mg, d + 1, Ns)
         dot = doa[g, :, :, a].reshape(n * Mg, d + 1, A * W)
-        if geo is not None:
-            saved = geo.bias(g, a, W, S, torch.view_as_complex(buf2[:2 * size].view(*S.shape, 2)))
+        if bias is not None:
+            saved = bias.write(g, a, S, buf2)
             S3.baddbmm_(kt.transpose(1, 2), qt)
         else:
             torch.bmm(kt.transpose(1, 2), qt, out=S3)
@@ -242,41 +537,10 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
         torch.bmm(va[g].reshape(n * Mg, d + 1, Ns).transpose(1, 2), dot, out=dS).mul_(S3)
         dq.view(BG, Mg, d, H, W)[g, :, :, a] = torch.bmm(kt[:, :d], dS).view(n, Mg, d, A, W)
         dkv[g].view(n * Mg, d, Ns).baddbmm_(qt[:, :d], dS.transpose(1, 2))
-        if geo is not None:
-            _bias_backward(geo, g, a, dS.view(n, Mg, Ns, A, W), S, saved, dflat, dpy, dpx)
-    dpos = dtab = None
-    if geo is not None:
-        dpos = torch.stack([dpy * (-(geo.Th - 1) / 4), dpx * (-(geo.Tw - 1) / 4)], -1)
-        P = geo.bx + 1
-        dtab = dflat[:, :geo.G * geo.flat_len].view(Mg, geo.G, geo.Th + 2, geo.Wp).transpose(0, 1)
-        dtab = dtab.reshape(BM // (BG // groups), geo.Th + 2, geo.Wp)[:, 1:-1, P:P + geo.Tw]
-    return dq, dk, dv, dpos, dtab
-
-
-def _bias_backward(geo: _Geometry, g: slice, a: slice, dS: torch.Tensor, tmp: torch.Tensor, saved,
-                   dflat: torch.Tensor, dpy: torch.Tensor, dpx: torch.Tensor):
-    """Accumulates the table and position gradients of one tile's bias from ``dS``."""
-    index, R, c0, c1, fy = saved
-    n, Mg, Ns, A, W = dS.shape
-    bx = geo.bx
-    # bias = Re R[i] + fx * Im R[i] at i = index: gradient w.r.t. (Re R, Im R) as pairs
-    dR = dS.new_zeros(n, Mg, Ns, A, bx, 2)
-    dR[..., 0].scatter_add_(4, index, dS)
-    torch.mul(dS, geo.fx[g].view(n, 1, Ns, 1, W), out=tmp)
-    dR[..., 1].scatter_add_(4, index, tmp)
-    dpx[g] += (dR[..., 0] * R.imag).sum((1, 3, 4))
-    # R = c0 + fy * (c1 - c0)
-    dpy[g] += (dR * (c1 - c0)).sum((1, 3, 4, 5))
-    d1 = dR * fy
-    d0 = dR.sub_(d1)
-    # window s holds T[s + x] and T[s + x + 1] - T[s + x]: back to the flat table
-    offsets = torch.arange(bx + 1, device=dS.device)
-    for d_, base in ((d0, geo.base0), (d1, geo.base1)):
-        u = torch.nn.functional.pad(d_[..., 0] - d_[..., 1], (0, 1))
-        u[..., 1:] += d_[..., 1]
-        index_flat = (base[g, :, a].unsqueeze(-1) + offsets).view(1, n, 1, Ns, A, bx + 1)
-        dflat.view(Mg, -1).scatter_add_(1, index_flat.expand(Mg, n, 1, Ns, A, bx + 1).reshape(Mg, -1),
-                                        u.transpose(0, 1).reshape(Mg, -1))
+        if bias is not None:
+            bias.backward(g, a, dS.view(n, Mg, Ns, A, W), buf, saved)  # S is free now
+    dpos, dtable = bias.grads() if bias is not None else (None, None)
+    return dq, dk, dv, dpos, dtable
 
 
 def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
