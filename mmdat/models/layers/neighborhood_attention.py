@@ -52,12 +52,6 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bi
     return torch.einsum('bhnk,bhnkd->bhnd', attn, v_nb).reshape(B, nh, H, W, d)
 
 
-def _window_starts(n: int, kernel_size: int, device) -> torch.Tensor:
-    """NA2D window start of every position along an axis of length ``n`` (also of positions
-    past the end, which tiles pad with; their windows are the last one)."""
-    return (torch.arange(n, device=device) - kernel_size // 2).clamp(0, n - kernel_size)
-
-
 class _Axis:
     """Halo tiling of one axis: query tiles of ``t`` positions, each with the region of ``r``
     consecutive key positions that holds the windows of all its queries."""
@@ -66,38 +60,56 @@ class _Axis:
         self.t = t = min(tile, n)
         self.r = r = min(t + kernel_size - 1, n)
         self.tiles = -(-n // t)
+        self.padded = self.tiles * t
         first = torch.arange(self.tiles, device=device) * t
         # window starts are non-decreasing with slope <= 1: a tile's windows lie in
         # [start of its first query, start of its first query + t - 1 + k)
         start = (first - kernel_size // 2).clamp(0, n - kernel_size)
         self.region = start.clamp(max=n - r)  # (tiles,) first key of each region
-        self.keys = (self.region[:, None] + torch.arange(r, device=device)).reshape(-1)  # (tiles*r,)
+        keys = self.region[:, None, None] + torch.arange(r, device=device)  # (tiles, 1, r)
         queries = first[:, None] + torch.arange(t, device=device)  # (tiles, t), may run past n
-        q_start = (queries - kernel_size // 2).clamp(0, n - kernel_size)
-        keys = self.keys.view(-1, 1, r)
-        self.valid = (keys >= q_start[..., None]) & (keys < q_start[..., None] + kernel_size)  # (tiles, t, r)
-        self.rel = (keys - queries[..., None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+        q_start = (queries - kernel_size // 2).clamp(0, n - kernel_size)[..., None]
+        valid = (keys >= q_start) & (keys < q_start + kernel_size)  # (tiles, t, r)
+        rel = (keys - queries[..., None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+        # bias-table coordinate of every (tile, query, region key), -1: outside the window
+        self.rel = torch.where(valid, rel, -1)
 
 
 class _Tiling:
+    """Halo tiles of an ``H x W`` map for NA2D with kernel ``k`` and the index tensors that
+    move tiles and regions in and out of ``(BH, rows * W, c)`` views with one op each."""
 
     def __init__(self, H: int, W: int, kernel_size: int, tile: int, device):
-        self.k = kernel_size
-        self.rows = _Axis(H, kernel_size, tile, device)
-        self.cols = _Axis(W, kernel_size, tile, device)
-        span = 2 * kernel_size - 1
-        self.inf_index = span * span
-        # flat index into the bias table extended by one -inf entry (``inf_index``), taken by
-        # the keys of a region that lie outside a query's window; negative marks those here
-        rows, cols = self.rows, self.cols
-        self.row_index = torch.where(rows.valid, rows.rel * span, -2 * self.inf_index)  # (tr, th, rh)
-        self.col_index = torch.where(cols.valid, cols.rel, -2 * self.inf_index)  # (tc, tw, rw)
+        self.H, self.W, self.k = H, W, kernel_size
+        self.rows = rows = _Axis(H, kernel_size, tile, device)
+        self.cols = cols = _Axis(W, kernel_size, tile, device)
+        th, tw, rh, rw, tc = rows.t, cols.t, rows.r, cols.r, cols.tiles
+        ar = functools.partial(torch.arange, device=device)
+        # queries of one tile row (th x padded W) -> (tc, th*tw); regions (rh x W) -> (tc, rh*rw)
+        self.query_index = (ar(th)[None, :, None] * cols.padded + ar(tc)[:, None, None] * tw
+                            + ar(tw)[None, None, :]).reshape(-1)
+        self.region_index = (ar(rh)[None, :, None] * W + cols.region[:, None, None]
+                             + ar(rw)[None, None, :]).reshape(-1)
+        # tile rows with the same row pattern (all interior ones) share their bias
+        patterns = {}
+        self.pattern = [patterns.setdefault(tuple(rows.rel[t].flatten().tolist()), len(patterns))
+                        for t in range(rows.tiles)]
+        self.pattern_rows = [self.pattern.index(p) for p in range(len(patterns))]
 
-    def bias_index(self, t: slice) -> torch.Tensor:
-        """Flat indices ``(nt*tc*th*tw*rh*rw,)`` into the extended table for tile rows ``t``."""
-        ri, ci = self.row_index[t], self.col_index
-        index = ri[:, None, :, None, :, None] + ci[None, :, None, :, None, :]  # (nt, tc, th, tw, rh, rw)
-        return index.masked_fill_(index < 0, self.inf_index).view(-1)
+    def bias_index(self, t: int) -> torch.Tensor:
+        """Flat indices ``(tc*th*tw*rh*rw,)`` into the extended table for tile row ``t``."""
+        span = 2 * self.k - 1
+        ri, ci = self.rows.rel[t], self.cols.rel
+        index = ri[None, :, None, :, None] * span + ci[:, None, :, None, :]  # (tc, th, tw, rh, rw)
+        invalid = (ri < 0)[None, :, None, :, None] | (ci < 0)[:, None, :, None, :]
+        return index.masked_fill_(invalid, span * span).view(-1)
+
+
+#: Logits are floored at max - 80 before exp, which keeps exp off its very slow path for
+#: -inf and underflowing inputs (a weight below exp(-80) ~ 2e-35 of the largest is far below
+#: float32 / float64 rounding of the sums); keys outside a query's window are then zeroed
+#: by a 0 / 1 mask (exact zeros also keep the backward's products out of denormals).
+_EXP_FLOOR = -80.
 
 
 def _extended_table(table: torch.Tensor) -> torch.Tensor:
@@ -105,138 +117,139 @@ def _extended_table(table: torch.Tensor) -> torch.Tensor:
     return torch.cat([table.flatten(1), table.new_full((table.shape[0], 1), float('-inf'))], 1)
 
 
-def _chunks(tiling: _Tiling, per_tile_row: int, target: int):
-    rows = max(1, target // max(per_tile_row, 1))
-    n = tiling.rows.tiles
-    return [slice(t, min(t + rows, n)) for t in range(0, n, rows)]
-
-
 class _NeighborhoodAttentionFunction(torch.autograd.Function):
-    """NA2D (with relative position bias) computed over halo tiles, chunk by chunk.
+    """NA2D (with relative position bias) computed over halo tiles, one row of tiles at a time.
 
     Each ``t x t`` query tile attends, by a dense matmul, to the ``(t+k-1)^2`` keys of the
-    region holding all its queries' windows; keys outside a query's window get ``-inf`` (exp
-    gives exactly 0, so this is the NA2D softmax). Only ``q, k, v``, the output and the
-    log-sum-exp are kept for the backward pass, which recomputes each chunk's logits.
+    region holding all its queries' windows; keys outside a query's window get ``-inf`` and
+    weight zero (see ``_EXP_FLOOR``): the NA2D softmax. Only ``q, k, v``, the output and the
+    log-sum-exp are kept for the backward pass, which recomputes each row of tiles' logits.
+    Buffers are allocated once per call and reused by every row of tiles.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, table, kernel_size, tile, chunk_elements):
+    def forward(ctx, q, k, v, table, kernel_size, tile):
         B, nh, H, W, d = q.shape
-        tiling = _Tiling(H, W, kernel_size, tile, q.device)
-        rows, cols = tiling.rows, tiling.cols
-        ext = _extended_table(table)
-        out = q.new_empty(B * nh, rows.tiles * rows.t, cols.tiles * cols.t, d)
-        lse = q.new_empty(B * nh, rows.tiles * rows.t, cols.tiles * cols.t)
-        qp = _pad_queries(q, rows, cols)
-        per_row = B * nh * cols.tiles * rows.t * cols.t * rows.r * cols.r
-        for t in _chunks(tiling, per_row, chunk_elements):
-            qt, kt, vt = _tile_operands(qp, k, v, tiling, t)
-            S = torch.bmm(qt, kt.transpose(1, 2))
-            S.view(B, nh, -1).add_(ext.index_select(1, tiling.bias_index(t)))
+        BH = B * nh
+        tl = _Tiling(H, W, kernel_size, tile, q.device)
+        rows, cols = tl.rows, tl.cols
+        biases, masks = _pattern_biases(table, tl)
+        qp = _padded(q.reshape(BH, H, W, d), rows, cols)
+        out = q.new_empty(BH, rows.padded, cols.padded, d)
+        lse = q.new_empty(BH, rows.padded, cols.padded, 1)
+        qt, kr, vr, o, S = _tile_buffers(q, BH, tl, d)
+        for t in range(rows.tiles):
+            _gather_tile_row(qp, t, tl, qt, kr, vr, k, v)
+            torch.bmm(qt, kr.transpose(1, 2), out=S)
+            S.view(B, nh, -1).add_(biases[tl.pattern[t]])
             m = S.amax(-1, keepdim=True)
-            S.sub_(m).exp_()
+            S.sub_(m).clamp_min_(_EXP_FLOOR).exp_()
+            S.view(B, nh, -1).mul_(masks[tl.pattern[t]])
             l = S.sum(-1, keepdim=True)
-            o = torch.bmm(S, vt).div_(l)
-            _untile(o, out, rows, cols, t, B * nh)
-            _untile((m + l.log()), lse.unsqueeze(-1), rows, cols, t, B * nh)
+            torch.bmm(S, vr, out=o)
+            _scatter_tile_row(o.div_(l), out, t, tl)
+            _scatter_tile_row(m.add_(l.log_()), lse, t, tl)
         ctx.save_for_backward(q, k, v, table, out, lse)
-        ctx.args = (kernel_size, tile, chunk_elements)
+        ctx.args = (kernel_size, tile)
         return out[:, :H, :W].reshape(B, nh, H, W, d)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, table, out, lse = ctx.saved_tensors
-        kernel_size, tile, chunk_elements = ctx.args
+        kernel_size, tile = ctx.args
         B, nh, H, W, d = q.shape
         BH = B * nh
-        tiling = _Tiling(H, W, kernel_size, tile, q.device)
-        rows, cols = tiling.rows, tiling.cols
-        ext = _extended_table(table)
-        dout = grad_out.new_zeros(BH, rows.tiles * rows.t, cols.tiles * cols.t, d)
-        dout[:, :H, :W] = grad_out.reshape(BH, H, W, d)
+        tl = _Tiling(H, W, kernel_size, tile, q.device)
+        rows, cols = tl.rows, tl.cols
+        biases, masks = _pattern_biases(table, tl)
+        dbiases = [torch.zeros_like(b) for b in biases]
+        qp = _padded(q.reshape(BH, H, W, d), rows, cols)
+        dout = _padded(grad_out.reshape(BH, H, W, d), rows, cols)
         Dsum = (dout * out).sum(-1, keepdim=True)
-        qp = _pad_queries(q, rows, cols)
-        dq = torch.zeros_like(qp)
-        dk, dv = torch.zeros_like(k).view(BH, H, W, d), torch.zeros_like(v).view(BH, H, W, d)
-        dext = torch.zeros_like(ext)
-        per_row = BH * cols.tiles * rows.t * cols.t * rows.r * cols.r
-        for t in _chunks(tiling, per_row, chunk_elements):
-            qt, kt, vt = _tile_operands(qp, k, v, tiling, t)
-            dot = _tile(dout, rows, cols, t, BH)
-            S = torch.bmm(qt, kt.transpose(1, 2))
-            index = tiling.bias_index(t)
-            S.view(B, nh, -1).add_(ext.index_select(1, index))
-            S.sub_(_tile(lse.unsqueeze(-1), rows, cols, t, BH)).exp_()  # P
-            dvt = torch.bmm(S.transpose(1, 2), dot)
-            dS = torch.bmm(dot, vt.transpose(1, 2))
-            dS.sub_(_tile(Dsum, rows, cols, t, BH)).mul_(S)
-            _untile(torch.bmm(dS, kt), dq, rows, cols, t, BH)
-            dkt = torch.bmm(dS.transpose(1, 2), qt)
-            _fold_regions(dkt, dk, tiling, t, BH)
-            _fold_regions(dvt, dv, tiling, t, BH)
-            dext.index_add_(1, index, dS.view(B, nh, -1).sum(0))
+        dq = torch.empty_like(qp)
+        dk, dv = q.new_zeros(BH, H * W, d), q.new_zeros(BH, H * W, d)
+        qt, kr, vr, o, S = _tile_buffers(q, BH, tl, d)
+        dot, dS, dkr = torch.empty_like(qt), torch.empty_like(S), torch.empty_like(kr)
+        lt, Dt = q.new_empty(BH * cols.tiles, rows.t * cols.t, 1), q.new_empty(BH * cols.tiles, rows.t * cols.t, 1)
+        for t in range(rows.tiles):
+            _gather_tile_row(qp, t, tl, qt, kr, vr, k, v)
+            for src, dst in ((dout, dot), (lse, lt), (Dsum, Dt)):
+                _gather_tile_row(src, t, tl, dst)
+            torch.bmm(qt, kr.transpose(1, 2), out=S)
+            S.view(B, nh, -1).add_(biases[tl.pattern[t]])
+            S.sub_(lt).clamp_min_(_EXP_FLOOR).exp_()
+            S.view(B, nh, -1).mul_(masks[tl.pattern[t]])  # P
+            torch.bmm(dot, vr.transpose(1, 2), out=dS)
+            dS.sub_(Dt).mul_(S)
+            dbiases[tl.pattern[t]] += dS.view(B, nh, -1).sum(0) if B > 1 else dS.view(nh, -1)
+            region = slice(rows.region[t] * W, (rows.region[t] + rows.r) * W)
+            dv[:, region].index_add_(1, tl.region_index, torch.bmm(S.transpose(1, 2), dot, out=dkr).view(BH, -1, d))
+            dk[:, region].index_add_(1, tl.region_index, torch.bmm(dS.transpose(1, 2), qt, out=dkr).view(BH, -1, d))
+            _scatter_tile_row(torch.bmm(dS, kr, out=o), dq, t, tl)
+        dext = torch.zeros_like(_extended_table(table))
+        for t, db in zip(tl.pattern_rows, dbiases):
+            index = tl.bias_index(t)
+            dext.scatter_add_(1, index.view(1, -1).expand(nh, -1), db.view(nh, -1))
         dtable = dext[:, :-1].view_as(table)
-        return dq[:, :H, :W].reshape(q.shape), dk.view(k.shape), dv.view(v.shape), dtable, None, None, None
+        return dq[:, :H, :W].reshape(q.shape), dk.view(k.shape), dv.view(v.shape), dtable, None, None
 
 
-def _pad_queries(q: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
-    B, nh, H, W, d = q.shape
-    q = q.reshape(B * nh, H, W, d)
-    return F.pad(q, (0, 0, 0, cols.tiles * cols.t - W, 0, rows.tiles * rows.t - H))
+def _pattern_biases(table: torch.Tensor, tl: _Tiling):
+    """Per distinct row pattern: the bias, ``-inf`` outside the windows, ``(heads, L)``, and
+    the windows as 0 / 1 ``(L,)``, ``L = tc*th*tw*rh*rw``."""
+    ext = _extended_table(table)
+    indices = [tl.bias_index(t) for t in tl.pattern_rows]
+    inf_index = ext.shape[1] - 1
+    return [ext.index_select(1, i) for i in indices], [(i != inf_index).to(table.dtype) for i in indices]
 
 
-def _tile(x: torch.Tensor, rows: _Axis, cols: _Axis, t: slice, BH: int) -> torch.Tensor:
-    """``(BH, Hpad, Wpad, c)`` -> ``(BH*nt*tc, th*tw, c)`` for tile rows ``t``."""
-    c = x.shape[-1]
-    x = x[:, t.start * rows.t:t.stop * rows.t].reshape(BH, -1, rows.t, cols.tiles, cols.t, c)
-    return x.transpose(2, 3).reshape(-1, rows.t * cols.t, c)
+def _padded(x: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """``(BH, H, W, c)`` zero-padded at the bottom and right to whole tiles."""
+    return F.pad(x, (0, 0, 0, cols.padded - x.shape[2], 0, rows.padded - x.shape[1]))
 
 
-def _untile(tiles: torch.Tensor, out: torch.Tensor, rows: _Axis, cols: _Axis, t: slice, BH: int):
-    c = out.shape[-1]
-    tiles = tiles.view(BH, -1, cols.tiles, rows.t, cols.t, c).transpose(2, 3)
-    out[:, t.start * rows.t:t.stop * rows.t] = tiles.reshape(BH, -1, cols.tiles * cols.t, c)
+def _tile_buffers(q: torch.Tensor, BH: int, tl: _Tiling, d: int):
+    rows, cols = tl.rows, tl.cols
+    n, queries, keys = BH * cols.tiles, rows.t * cols.t, rows.r * cols.r
+    return (q.new_empty(n, queries, d), q.new_empty(n, keys, d), q.new_empty(n, keys, d),
+            q.new_empty(n, queries, d), q.new_empty(n, queries, keys))
 
 
-def _tile_operands(qp, k, v, tiling: _Tiling, t: slice):
-    rows, cols = tiling.rows, tiling.cols
-    BH = qp.shape[0]
-    qt = _tile(qp, rows, cols, t, BH)
-    key_rows = rows.keys[t.start * rows.r:t.stop * rows.r]
-    regions = []
-    for x in (k, v):
-        x = x.reshape(BH, *x.shape[-3:])
-        x = x.index_select(1, key_rows).index_select(2, cols.keys)  # (BH, nt*rh, tc*rw, d)
-        x = x.view(BH, -1, rows.r, cols.tiles, cols.r, x.shape[-1]).transpose(2, 3)
-        regions.append(x.reshape(-1, rows.r * cols.r, x.shape[-1]))
-    return qt, regions[0], regions[1]
+def _gather_tile_row(x, t: int, tl: _Tiling, x_tiles, k_regions=None, v_regions=None, k=None, v=None):
+    """Queries of tile row ``t`` (padded ``(BH, Hp, Wp, c)``) -> ``(BH*tc, th*tw, c)``; and the
+    key / value regions ``(BH*tc, rh*rw, d)`` of ``k`` and ``v`` ``(..., H, W, d)``."""
+    BH, c = x.shape[0], x.shape[-1]
+    th = tl.rows.t
+    rows = x[:, t * th:(t + 1) * th].reshape(BH, -1, c)
+    torch.index_select(rows, 1, tl.query_index, out=x_tiles.view(BH, -1, c))
+    if k_regions is not None:
+        r0, rh = int(tl.rows.region[t]), tl.rows.r
+        for src, dst in ((k, k_regions), (v, v_regions)):
+            src = src.reshape(BH, -1, src.shape[-1])[:, r0 * tl.W:(r0 + rh) * tl.W]
+            torch.index_select(src, 1, tl.region_index, out=dst.view(BH, -1, dst.shape[-1]))
 
 
-def _fold_regions(grad: torch.Tensor, into: torch.Tensor, tiling: _Tiling, t: slice, BH: int):
-    """Adds region gradients ``(BH*nt*tc, rh*rw, d)`` back onto the key map ``(BH, H, W, d)``."""
-    rows, cols = tiling.rows, tiling.cols
-    d = grad.shape[-1]
-    grad = grad.view(BH, -1, cols.tiles, rows.r, cols.r, d).transpose(2, 3).reshape(BH, -1, cols.tiles * cols.r, d)
-    per_row = grad.new_zeros(BH, grad.shape[1], into.shape[2], d).index_add_(2, cols.keys, grad)
-    into.index_add_(1, rows.keys[t.start * rows.r:t.stop * rows.r], per_row)
+def _scatter_tile_row(tiles: torch.Tensor, into: torch.Tensor, t: int, tl: _Tiling):
+    """Inverse of the query gather: ``(BH*tc, th*tw, c)`` into tile row ``t`` of ``into``."""
+    BH, c = into.shape[0], into.shape[-1]
+    th = tl.rows.t
+    into[:, t * th:(t + 1) * th].reshape(BH, -1, c).index_copy_(1, tl.query_index, tiles.view(BH, -1, c))
 
 
 def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
-                                 kernel_size: int, tile: int = 8, chunk_elements: int = 1 << 20) -> torch.Tensor:
+                                 kernel_size: int, tile: int = 8) -> torch.Tensor:
     """Memory-lean 2D neighborhood attention, same function as ``neighborhood_attention``.
 
     Args as ``neighborhood_attention`` (no attention dropout), plus ``tile``: side of the
-    query tiles, and ``chunk_elements``: logits computed at once (fwd and bwd).
-    Runs in float32 under autocast.
+    query tiles. Runs in float32 under autocast.
     """
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             return neighborhood_attention_tiled(q.float(), k.float(), v.float(), bias_table.float(), kernel_size,
-                                                tile, chunk_elements)
+                                                tile)
     return _NeighborhoodAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias_table,
-                                                kernel_size, tile, chunk_elements)
+                                                kernel_size, tile)
 
 
 @functools.lru_cache(maxsize=1)
