@@ -5,6 +5,7 @@ mmdet, mmseg and mmpretrain registries all fall back to, and lets MMEngine confi
 mmdat's own as ``_base_ = 'mmdat::mask_rcnn_dat_t_3x.py'`` (see :mod:`mmdat.utils.config`).
 """
 from . import models  # noqa: F401
+from .utils import checkpoint  # noqa: F401  torch.load(weights_only=True) reads mmengine checkpoints
 from .utils.config import register_mmdat_configs
 from .version import __version__  # noqa: F401
 
