@@ -306,6 +306,17 @@ class DAT(BaseModule):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'DAT expects a batch of images B x {self.in_channels} x H x W, got {shape}')
+        # NaN / Inf: one reduction over the input. On CPU it is cheap next to the backbone and
+        # always on; on an accelerator it would also force a host sync on every forward, so
+        # there it runs only when asked (`model.backbone.check_finite = True`). A non-finite
+        # input otherwise poisons every feature map, the loss and, after one step, the weights.
+        check = getattr(self, 'check_finite', None)
+        if check or (check is None and x.device.type == 'cpu'):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+                raise ValueError(
+                    f'DAT input of shape {tuple(x.shape)} holds {nan} NaN and {inf} Inf values; check the '
+                    'images and the data preprocessor (mean/std) before the backbone')
 
     def forward_stages(self, x: torch.Tensor, num_stages: int = 4) -> List[torch.Tensor]:
         """Outputs of the first ``num_stages`` stages, before the output norms."""
