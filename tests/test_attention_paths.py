@@ -256,7 +256,7 @@ def test_official_parity_on_every_path(path, impl):
 @pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
 def test_backbone_paths_agree(arch):
     model = _perturbed(DAT(arch).double(), scale=0.05).train()
-    x = torch.randn(1, 3, 64, 96, dtype=torch.double)
+    x = torch.randn(1, 3, 40, 56, dtype=torch.double)
 
     def run(impl):
         for m in model.modules():
@@ -339,3 +339,20 @@ def test_tile_iteration_covers_everything():
         for g, a in ops._tiles(BG, per_row, H, target):
             covered[g, a] += 1
         assert (covered == 1).all()
+
+
+def test_half_precision_inputs_run_in_float32():
+    """Without autocast, half inputs are computed in float32 and returned in half."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 8, *s, generator=gen) for s in ((6, 7), (15,), (15,)))
+    pos, table = torch.rand(2, 15, 2, generator=gen) * 2 - 1, torch.randn(4, 5, 5, generator=gen)
+    grid = torch.linspace(-1, 1, 6), torch.linspace(-1, 1, 7)
+    full = ops.deformable_attention(q, k, v, pos, table, *grid, 2)
+    half = ops.deformable_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), pos, table.bfloat16(), *grid, 2)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0.05)
+    qn, kn, vn = (torch.randn(1, 2, 9, 10, 4, generator=gen) for _ in range(3))
+    tn = torch.randn(2, 13, 13, generator=gen)
+    na = neighborhood_attention_tiled(qn.bfloat16(), kn.bfloat16(), vn.bfloat16(), tn.bfloat16(), 7)
+    assert na.dtype == torch.bfloat16
+    torch.testing.assert_close(na.float(), neighborhood_attention(qn, kn, vn, tn, 7), atol=0.05, rtol=0.05)

@@ -168,7 +168,10 @@ class DeformableAttention(nn.Module):
         B, C, H, W = x.shape
         G, M = self.groups, self.num_heads
         q = self.q(x)
-        pos = self.sampling_positions(self.offset(q.reshape(B * G, C // G, H, W)))
+        offset = self.offset(q.reshape(B * G, C // G, H, W))
+        if torch.is_autocast_enabled(x.device.type):  # sampling positions in float32
+            offset = offset.float()
+        pos = self.sampling_positions(offset)
         Hk, Wk = pos.shape[1:3]
         Ns = Hk * Wk
 

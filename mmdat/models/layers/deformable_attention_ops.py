@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 
 #: Target number of logits per tile, by device type (overridable per call).
-DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 21, 'cuda': 1 << 26}
+DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 21, 'cuda': 1 << 24}
 
 
 def _axis_coords(qc: torch.Tensor, pc: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +423,7 @@ def _make_bias(pos, table, qy, qx, groups):
     if table is None:
         return None
     if USE_NATIVE and table.device.type == 'cpu' and table.dtype in (torch.float32, torch.float64) \
-            and torch.isfinite(pos).all():
+            and pos.dtype == qy.dtype == qx.dtype == table.dtype and torch.isfinite(pos).all():
         lib = native_library()
         if lib is not None:
             return _NativeBias(lib, pos, table, qy, qx, groups)
@@ -557,7 +557,8 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
         groups: ``G``; heads ``[g*M/G, (g+1)*M/G)`` use group ``g``'s positions.
         tile_elements: Logits per tile; default by device (``DEFAULT_TILE_ELEMENTS``).
     Returns:
-        ``(B*M, d, H, W)`` attention output (before the output projection), float32.
+        ``(B*M, d, H, W)`` attention output (before the output projection) in ``q``'s dtype;
+        float32 under autocast. Half-precision inputs are computed in float32.
     """
     BM, d = q.shape[:2]
     BG, Ns = pos.shape[:2]
@@ -569,10 +570,14 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
     if tile_elements is None:
         tile_elements = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    tensors = [q, k, v, pos, qy, qx] + ([] if table is None else [table])
+    if autocast or {t.dtype for t in tensors} not in ({torch.float32}, {torch.float64}):
+        # low precision or mixed dtypes: compute in float32
         with torch.autocast(device_type, enabled=False):
-            return deformable_attention(q.float(), k.float(), v.float(), pos.float(),
-                                        None if table is None else table.float(), qy.float(), qx.float(),
-                                        groups, tile_elements)
+            out = deformable_attention(q.float(), k.float(), v.float(), pos.float(),
+                                       None if table is None else table.float(), qy.float(), qx.float(), groups,
+                                       tile_elements)
+        return out if autocast else out.to(q.dtype)
     return _DeformableAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
                                               pos.contiguous(), table, qy, qx, groups, tile_elements)

@@ -244,10 +244,12 @@ def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     query tiles. Runs in float32 under autocast.
     """
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast or {t.dtype for t in (q, k, v, bias_table)} not in ({torch.float32}, {torch.float64}):
+        # low precision or mixed dtypes: compute in float32
         with torch.autocast(device_type, enabled=False):
-            return neighborhood_attention_tiled(q.float(), k.float(), v.float(), bias_table.float(), kernel_size,
-                                                tile)
+            out = neighborhood_attention_tiled(q.float(), k.float(), v.float(), bias_table.float(), kernel_size, tile)
+        return out if autocast else out.to(q.dtype)
     return _NeighborhoodAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias_table,
                                                 kernel_size, tile)
 
