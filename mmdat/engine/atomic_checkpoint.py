@@ -19,14 +19,41 @@ go to MMEngine unchanged.
 
 The ``last_checkpoint`` pointer is written by ``CheckpointHook`` only after
 ``save_checkpoint`` returns, so it never names a partial file.
+
+Deterministic resume: MMEngine saves no random-number state, so after ``--resume`` the
+layers that draw from torch's generator (dropout in the heads, drop path, RoI samplers)
+see different numbers than the uninterrupted run would have. Checkpoints saved by the
+Runner therefore also hold ``rng_state`` (torch's CPU generator and, when present, the CUDA
+generators: tensors, fine for ``weights_only`` loading), and ``Runner.resume`` restores it.
+Numpy and Python ``random`` (the data pipeline) are not restored: on resume the loop
+replays the data loader up to the saved iteration, which consumes them again exactly as the
+first run did.
 """
 import os
 import os.path as osp
 import re
 
+import torch
+
 __all__ = ['atomic_save_checkpoint', 'install_atomic_checkpoints']
 
 _original_save = None
+_original_resume = None
+
+
+def rng_state() -> dict:
+    state = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    if not isinstance(state, dict) or 'torch' not in state:
+        return
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def _is_local(path) -> bool:
@@ -68,11 +95,41 @@ def atomic_save_checkpoint(checkpoint, filename, file_client_args=None, backend_
     _fsync_dir(folder)
 
 
+def _runner_save_checkpoint(checkpoint, filename, file_client_args=None, backend_args=None):
+    """What the Runner calls: adds the RNG state, then saves atomically."""
+    if isinstance(checkpoint, dict) and 'rng_state' not in checkpoint:
+        checkpoint['rng_state'] = rng_state()
+    return atomic_save_checkpoint(checkpoint, filename, file_client_args, backend_args)
+
+
+def _resume(self, filename, *args, **kwargs):
+    """``Runner.resume`` that also restores the RNG state saved with the checkpoint."""
+    loaded = {}
+    load = self.load_checkpoint
+
+    def load_and_keep(*a, **k):
+        loaded['checkpoint'] = load(*a, **k)
+        return loaded['checkpoint']
+
+    self.load_checkpoint = load_and_keep
+    try:
+        result = _original_resume(self, filename, *args, **kwargs)
+    finally:
+        del self.load_checkpoint
+    checkpoint = loaded.get('checkpoint')
+    if isinstance(checkpoint, dict):
+        set_rng_state(checkpoint.get('rng_state'))
+    return result
+
+
 def install_atomic_checkpoints():
-    """Makes MMEngine's Runner save checkpoints through :func:`atomic_save_checkpoint`."""
-    global _original_save
+    """Makes MMEngine's Runner save checkpoints through :func:`atomic_save_checkpoint` (with
+    the RNG state) and restore the RNG state in ``Runner.resume``."""
+    global _original_save, _original_resume
     from mmengine.runner import checkpoint as mm_checkpoint
     from mmengine.runner import runner as mm_runner
     if _original_save is None:
         _original_save = mm_checkpoint.save_checkpoint
-    mm_runner.save_checkpoint = atomic_save_checkpoint
+        _original_resume = mm_runner.Runner.resume
+    mm_runner.save_checkpoint = _runner_save_checkpoint
+    mm_runner.Runner.resume = _resume
