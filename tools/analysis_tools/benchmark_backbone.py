@@ -22,7 +22,9 @@ Cases:
 
 Every case runs in a fresh subprocess, twice: ``fwd`` (eval mode, ``torch.no_grad()``)
 and ``fwd+bwd`` (train mode; forward, sum of the outputs, backward). Time: the median
-(and min) of ``--repeats`` runs after ``--warmup`` runs. Peak memory:
+(and min) wall-clock time of ``--repeats`` runs after ``--warmup`` runs; on CPU also the
+median process CPU time (``cpu s``: all threads; on a busy machine, with ``--threads 1``,
+the least disturbed measure of the work done). Peak memory:
 
 * CPU: the subprocess's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) at the
   end of the case, reported raw (``peak RSS``) and minus the resident set measured after
@@ -159,12 +161,14 @@ def run_case(case) -> dict:
         step()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(case['repeats']):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
-    result = dict(case, time=statistics.median(times), time_min=min(times), times=times)
+        cpu_times.append(time.process_time() - cpu_start)
+    result = dict(case, time=statistics.median(times), time_min=min(times), times=times,
+                  cpu=statistics.median(cpu_times))
     if device.type == 'cuda':
         result['mem'] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -226,8 +230,8 @@ def report(results, device):
     mem_name = 'mem MB' if device != 'cuda' else 'cuda max MB'
     header = f'{"case":14s} {"input":9s} {"impl":9s} {"mode":12s} {"time s":>8s} {"min s":>8s} {mem_name:>11s}'
     if device != 'cuda':
-        header += f' {"peak RSS":>9s}'
-    header += f'  {"t ratio":>7s} {"m ratio":>7s}  ratio of'
+        header += f' {"peak RSS":>9s} {"cpu s":>8s}'
+    header += f'  {"t ratio":>7s} {"m ratio":>7s}' + ('' if device == 'cuda' else f' {"cpu rat":>7s}') + '  ratio of'
     print(header)
     print('-' * len(header))
     keyed = {_label(r): r for r in results}
@@ -243,9 +247,12 @@ def report(results, device):
             what = f'{name} / swin_t'
         line = f'{name:14s} {size:9s} {impl:9s} {mode:12s} {r["time"]:8.3f} {r["time_min"]:8.3f} {r["mem"]:11.0f}'
         if device != 'cuda':
-            line += f' {r["peak_rss"]:9.0f}'
+            line += f' {r["peak_rss"]:9.0f} {r["cpu"]:8.3f}'
         if other is not None and other is not r and 'error' not in other:
-            line += f'  {_fmt_ratio(r["time"], other["time"]):>7s} {_fmt_ratio(r["mem"], other["mem"]):>7s}  {what}'
+            line += f'  {_fmt_ratio(r["time"], other["time"]):>7s} {_fmt_ratio(r["mem"], other["mem"]):>7s}'
+            if device != 'cuda':
+                line += f' {_fmt_ratio(r["cpu"], other["cpu"]):>7s}'
+            line += f'  {what}'
         print(line)
 
 

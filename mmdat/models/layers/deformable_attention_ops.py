@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 
 #: Target number of logits per tile, by device type (overridable per call).
-DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 21, 'cuda': 1 << 24}
+DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 24}
 
 
 def _axis_coords(qc: torch.Tensor, pc: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -448,10 +448,11 @@ def _tiles(BG: int, per_group_row: int, H: int, target: int):
             yield slice(g, min(g + nbg, BG)), slice(a, a + 1)
 
 
-def _buffers(q: torch.Tensor, tiles, per_group_row: int):
-    """Two tile-sized scratch buffers (the second one complex-sized), reused by all tiles."""
+def _buffers(q: torch.Tensor, tiles, per_group_row: int, bias):
+    """Two tile-sized scratch buffers, reused by all tiles (the second one twice the size
+    for the PyTorch bias, whose gather writes complex numbers)."""
     numel = max((g.stop - g.start) * (a.stop - a.start) for g, a in tiles) * per_group_row
-    return q.new_empty(numel), q.new_empty(2 * numel)
+    return q.new_empty(numel), q.new_empty((2 if isinstance(bias, _TorchBias) else 1) * numel)
 
 
 class _DeformableAttentionFunction(torch.autograd.Function):
@@ -466,7 +467,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         out = q.new_empty(BM, d, H, W)
         lse = q.new_empty(BM, H, W)
         tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
-        buf, buf2 = _buffers(q, tiles, Mg * Ns * W)
+        buf, buf2 = _buffers(q, tiles, Mg * Ns * W, bias)
         qv, kv = q.view(BG, Mg, d, H, W), k.view(BG, Mg, d, Ns)
         # a row of ones under v: the AV product's last row is the softmax denominator
         vv = torch.cat([v, v.new_ones(BM, 1, Ns)], 1).view(BG, Mg, d + 1, Ns)
@@ -516,7 +517,7 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
     doa = torch.cat([dout.view(BM, d, H * W), -(dout * out).sum(1).view(BM, 1, H * W)], 1)
     doa = doa.view(BG, Mg, d + 1, H, W)
     tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
-    buf, buf2 = _buffers(q, tiles, Mg * Ns * W)
+    buf, buf2 = _buffers(q, tiles, Mg * Ns * W, bias)
     dkv, dvv = dk.view(BG, Mg, d, Ns), dv.view(BG, Mg, d, Ns)
     for g, a in tiles:
         n, A = g.stop - g.start, a.stop - a.start
