@@ -127,6 +127,9 @@ def test_config_settings(name):
 
     det, sched = info['task'], info['rest']
     assert backbone.drop_path_rate == DROP_PATH[f'{det}_{info["size"]}_{sched}']
+    if det == 'cascade_mask_rcnn':  # DAT-Detection's (and Swin's) 4conv1fc GIoU box heads
+        assert [(h.type, h.num_shared_convs, h.num_shared_fcs, h.loss_bbox.type)
+                for h in cfg.model.roi_head.bbox_head] == [('ConvFCBBoxHead', 4, 1, 'GIoULoss')] * 3
     if det == 'retinanet':
         assert backbone.out_indices == (1, 2, 3) and cfg.model.neck.in_channels == dims[1:]
         assert opt.optimizer.lr == 5e-5  # DAT-Detection: 2e-4 for 64 images
@@ -175,6 +178,10 @@ def built_model(name: str):
         if cfg.default_scope == 'mmseg':
             # mmseg pads every training image to the 512x512 crop; keep the tiny test images tiny
             model_cfg.data_preprocessor.update(size=None, size_divisor=32)
+        if model_cfg.get('train_cfg', {}).get('rpn_proposal') is not None:
+            # and few proposals (2000 -> 16 per image): the RoI heads' sampler would otherwise
+            # run the heads on 512 RoIs per image and stage, seconds per step on CPU
+            model_cfg.train_cfg.rpn_proposal.update(nms_pre=64, max_per_img=16)
         torch.manual_seed(0)
         _BUILT.clear()  # keep one model in memory at a time
         _BUILT[key] = (name, MODELS.build(model_cfg))

@@ -8,7 +8,11 @@ H x W (a single value: square) through its data preprocessor, and counts with MM
 
 * mmdet: ``model.forward(inputs, data_samples, mode='tensor')`` as mmdet's own
   get_flops does -- backbone, neck, RPN with its proposals and the RoI heads, whatever
-  the detector's ``_forward`` runs;
+  the detector's ``_forward`` runs. One exception, ``--mask-rois`` (default 100): the
+  mask heads of a Cascade Mask R-CNN run on the first 100 RoIs only, as mmdet 2's
+  ``forward_dummy`` (by which the published Swin / DAT tables were counted) and mmdet
+  3's own ``StandardRoIHead.forward`` do; mmdet 3's ``CascadeRoIHead.forward`` runs them
+  on all 1000 proposals (``--mask-rois 0`` counts that, about 2.4x the FLOPs);
 * mmseg: ``mode='tensor'`` with the auxiliary head removed, as mmseg's get_flops does;
 * mmpretrain: ``mode='tensor'`` (backbone, neck and classifier head).
 
@@ -22,6 +26,7 @@ import os
 import os.path as osp
 import sys
 import tempfile
+import types
 from functools import partial
 
 import torch
@@ -41,6 +46,9 @@ def parse_args(argv=None):
                         'mmdet, 512 2048 for mmseg, 224 for mmpretrain')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the config, key=value, as in tools/train.py')
+    parser.add_argument('--mask-rois', type=int, default=100,
+                        help='Cascade Mask R-CNN: count its mask heads on the first N RoIs, as mmdet 2 and '
+                        'mmdet 3\'s single-stage RoI head do (0: on all proposals, as mmdet 3\'s cascade head)')
     parser.add_argument('--show-table', action='store_true', help='also print the per-module FLOPs table')
     parser.add_argument('--max-depth', type=int, default=3, help='depth of the per-module table')
     return parser.parse_args(argv)
@@ -85,7 +93,34 @@ def build_model(cfg: Config, scope: str) -> torch.nn.Module:
     return model.eval()
 
 
-def count(cfg: Config, shape=None):
+def limit_cascade_mask_rois(model: torch.nn.Module, mask_rois: int) -> bool:
+    """Makes a Cascade Mask R-CNN's tensor forward run its mask heads on the first
+    ``mask_rois`` RoIs (its boxes as mmdet 3 runs them). Returns whether it applied."""
+    from mmdet.models.roi_heads import CascadeRoIHead
+    from mmdet.structures.bbox import bbox2roi
+    roi_head = getattr(model, 'roi_head', None)
+    if mask_rois <= 0 or type(roi_head) is not CascadeRoIHead or not roi_head.with_mask:
+        return False
+
+    def forward(self, x, rpn_results_list, batch_data_samples):
+        batch_img_metas = [sample.metainfo for sample in batch_data_samples]
+        proposals = [results.bboxes for results in rpn_results_list]
+        rois = bbox2roi(proposals)
+        outs = ()
+        if self.with_bbox:
+            rois, cls_scores, bbox_preds = self._refine_roi(x, rois, batch_img_metas,
+                                                            tuple(len(p) for p in proposals))
+            outs = (cls_scores, bbox_preds)
+            rois = torch.cat(rois)
+        mask_rois = rois[:self.flops_mask_rois]
+        return outs + tuple(self._mask_forward(stage, x, mask_rois)['mask_preds'] for stage in range(self.num_stages))
+
+    roi_head.flops_mask_rois = mask_rois
+    roi_head.forward = types.MethodType(forward, roi_head)
+    return True
+
+
+def count(cfg: Config, shape=None, mask_rois: int = 100):
     """Returns a dict: scope, input (C, H, W counted), flops, params, backbone_flops,
     backbone_params, unsupported (op name -> occurrences), analyzer."""
     scope = cfg.get('default_scope', None)
@@ -98,6 +133,7 @@ def count(cfg: Config, shape=None):
     with torch.no_grad():
         data = model.data_preprocessor(dict(inputs=[image], data_samples=[data_sample(scope, hw)]), False)
     inputs = data['inputs']
+    limited = scope == 'mmdet' and limit_cascade_mask_rois(model, mask_rois)
     if scope == 'mmdet':  # the RPN reads the image shapes from the data samples
         model.forward = partial(model.forward, data_samples=data['data_samples'], mode='tensor')
     analyzer = FlopAnalyzer(model, inputs)
@@ -116,6 +152,7 @@ def count(cfg: Config, shape=None):
         backbone_flops=by_module.get('backbone', 0),
         backbone_params=params.get('backbone', 0),
         unsupported=dict(analyzer.unsupported_ops()),
+        mask_rois=mask_rois if limited else None,
         analyzer=analyzer)
 
 
@@ -133,7 +170,7 @@ def main(argv=None):
         cfg.merge_from_dict(args.cfg_options)
     cfg.work_dir = tempfile.mkdtemp(prefix='get_flops_')
     try:
-        result = count(cfg, args.shape)
+        result = count(cfg, args.shape, args.mask_rois)
     finally:
         if osp.isdir(cfg.work_dir) and not os.listdir(cfg.work_dir):
             os.rmdir(cfg.work_dir)
@@ -147,6 +184,8 @@ def main(argv=None):
     print(f'Params: {result["params"] / 1e6:.2f}M')
     print(f'Backbone flops: {result["backbone_flops"] / 1e9:.2f}G')
     print(f'Backbone params: {result["backbone_params"] / 1e6:.2f}M')
+    if result['mask_rois']:
+        print(f'Cascade mask heads counted on the first {result["mask_rois"]} RoIs (--mask-rois)')
     if result['unsupported']:
         ops = ', '.join(f'{k} ({v})' for k, v in sorted(result['unsupported'].items()))
         print(f'Not counted (no FLOP rule): {ops}')
