@@ -1,0 +1,108 @@
+"""Train a model from an OpenMMLab config (mmdet, mmseg or mmpretrain) with MMEngine's Runner.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+                                 [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+
+``--resume`` without a path resumes from the last checkpoint in the work dir (if any);
+with a path, from that checkpoint (weights, optimizer, schedulers, iteration counter).
+Distributed runs work without CUDA too: there the backend is gloo (see
+``mmdat.utils.launch``). Use tools/dist_train.sh or tools/slurm_train.sh to launch them.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repo, for a source checkout
+
+import mmdat  # noqa: E402,F401  registers DAT; lets torch.load read mmengine checkpoints
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.registry import RUNNERS, init_default_scope  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmdat.utils.launch import resolve_default_scope, setup_cpu_distributed  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a model (mmdet / mmseg / mmpretrain config)')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and checkpoints')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (needs CUDA/NPU/MLU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate with the total batch size (auto_scale_lr in the config)')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from the given checkpoint; without a path, from the latest checkpoint in the work dir')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, key=value pairs; e.g. train_cfg.max_iters=10 '
+        'or "model.backbone.out_indices=[0,1]" (quote lists, no white space)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher')
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_config(args) -> Config:
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    # work_dir: command line > config > ./work_dirs/<config name>
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if optim_wrapper == 'AmpOptimWrapper':
+            print('AMP is already enabled in the config.', flush=True)
+        else:
+            assert optim_wrapper == 'OptimWrapper', \
+                f'--amp is only supported with OptimWrapper, not {optim_wrapper}'
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' in cfg and 'enable' in cfg.auto_scale_lr and 'base_batch_size' in cfg.auto_scale_lr:
+            cfg.auto_scale_lr.enable = True
+        else:
+            raise RuntimeError('--auto-scale-lr needs `auto_scale_lr = dict(enable=..., base_batch_size=...)` '
+                               'in the config')
+
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = build_config(args)
+    if args.amp:
+        import torch
+        if not torch.cuda.is_available():
+            from mmengine.device import is_mlu_available, is_npu_available
+            if not (is_npu_available() or is_mlu_available()):
+                raise SystemExit('--amp needs a CUDA (or NPU/MLU) device: MMEngine\'s AmpOptimWrapper '
+                                 'does not run on CPU')
+    scope = resolve_default_scope(cfg)
+    if scope:
+        init_default_scope(scope)
+    setup_cpu_distributed(cfg, args.launcher)
+
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
