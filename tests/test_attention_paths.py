@@ -13,6 +13,7 @@ from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_
 from mmdat.models.layers import deformable_attention_ops as ops
 from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
                                                       deformable_attention_impl)
+from mmdat.models.layers import neighborhood_attention as na_module
 from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, neighborhood_attention,
                                                         neighborhood_attention_tiled)
 
@@ -292,7 +293,11 @@ def test_flop_count_does_not_depend_on_the_path(arch):
 
 @pytest.mark.parametrize("size,kernel,tile", [
     ((7, 7), 7, 8), ((9, 13), 3, 4), ((16, 11), 7, 5), ((23, 30), 7, 8), ((8, 19), 5, 3), ((40, 9), 7, 8)])
-def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile):
+@pytest.mark.parametrize('steps', [None, (1, 1, 8), (1, 1 << 30, 2)], ids=['default-steps', 'row-steps', 'two-steps'])
+def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, monkeypatch):
+    if steps is not None:
+        monkeypatch.setattr(na_module, 'STEP_LOGITS', steps[:2])
+        monkeypatch.setattr(na_module, 'STEPS_PER_CALL', steps[2])
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double).requires_grad_() for _ in range(3))
     table = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen, dtype=torch.double).requires_grad_()

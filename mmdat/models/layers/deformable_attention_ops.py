@@ -45,8 +45,11 @@ from typing import Optional, Tuple
 
 import torch
 
-#: Target number of logits per tile, by device type (overridable per call).
-DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 24}
+#: Most logits per tile, by device type (overridable per call): bounds the two tile buffers.
+DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 24, 'cuda': 1 << 24}
+#: Default tiles: about this many per call (fewer, larger parallel ops stand up better to a
+#: busy CPU), but not smaller than MIN_TILE_ELEMENTS logits nor larger than the bound above.
+TILES_PER_CALL, MIN_TILE_ELEMENTS = 8, 1 << 22
 
 
 def _axis_coords(qc: torch.Tensor, pc: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +225,18 @@ void NAME(bias_forward)(const scalar_t *table, const int32_t *lo_y, const scalar
                         int g0, int n, int a0, int A, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        scalar_t *R = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)(2 * W + 2 * Tw + 8));
+        scalar_t *R = NULL;
+        int64_t capacity = 0;
 #pragma omp for schedule(static)
         for (int64_t gj = 0; gj < (int64_t)n * Ns; gj++) {
             int bgl = (int)(gj / Ns), j = (int)(gj % Ns), bg = g0 + bgl;
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
             const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
-            int xs = lx[0], bx = lx[W - 1] - xs + 2;
+            int xs = lx[0], bx = lx[W - 1] - xs + 2;  /* lo_x is non-decreasing along W */
+            if (2 * (int64_t)bx > capacity) {
+                capacity = 2 * (int64_t)bx;
+                R = (scalar_t *)realloc(R, sizeof(scalar_t) * (size_t)capacity);
+            }
             scalar_t *Rd = R + bx;
             for (int a = 0; a < A; a++) {
                 int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
@@ -256,7 +264,8 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
     int64_t M = (int64_t)G * Mg;
 #pragma omp parallel num_threads(nthreads)
     {
-        scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)(4 * W + 4 * Tw + 16));
+        scalar_t *buf = NULL;
+        int64_t capacity = 0;
         scalar_t *dt = dtable + (int64_t)omp_get_thread_num() * M * Th * Tw;
 #pragma omp for schedule(static)
         for (int64_t gj = 0; gj < (int64_t)n * Ns; gj++) {
@@ -264,6 +273,10 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
             const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
             int xs = lx[0], bx = lx[W - 1] - xs + 2;
+            if (4 * (int64_t)bx > capacity) {
+                capacity = 4 * (int64_t)bx;
+                buf = (scalar_t *)realloc(buf, sizeof(scalar_t) * (size_t)capacity);
+            }
             scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx;
             scalar_t gy = 0, gx = 0;
             for (int a = 0; a < A; a++) {
@@ -556,7 +569,8 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
         table: ``(M, Th, Tw)`` relative position table, or ``None`` for no bias.
         qy, qx: ``H`` and ``W`` normalised query grid coordinates.
         groups: ``G``; heads ``[g*M/G, (g+1)*M/G)`` use group ``g``'s positions.
-        tile_elements: Logits per tile; default by device (``DEFAULT_TILE_ELEMENTS``).
+        tile_elements: Logits per tile; default: about 1 / ``TILES_PER_CALL`` of all, at
+            least ``MIN_TILE_ELEMENTS``, at most ``DEFAULT_TILE_ELEMENTS[device]``.
     Returns:
         ``(B*M, d, H, W)`` attention output (before the output projection) in ``q``'s dtype;
         float32 under autocast. Half-precision inputs are computed in float32.
@@ -569,7 +583,8 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
                          f'pos {tuple(pos.shape)}, table {None if table is None else tuple(table.shape)}, '
                          f'groups {groups}')
     if tile_elements is None:
-        tile_elements = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
+        bound = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
+        tile_elements = min(bound, max(BM * q.shape[2] * q.shape[3] * Ns // TILES_PER_CALL, MIN_TILE_ELEMENTS))
     device_type = q.device.type
     autocast = torch.is_autocast_enabled(device_type)
     tensors = [q, k, v, pos, qy, qx] + ([] if table is None else [table])

@@ -1,6 +1,6 @@
 import functools
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -76,25 +76,40 @@ class _Axis:
 
 
 class _Tiling:
-    """Halo tiles of an ``H x W`` map for NA2D with kernel ``k`` and the index tensors that
-    move tiles and regions in and out of ``(BH, rows * W, c)`` views with one op each."""
+    """Halo tiles of an ``H x W`` map for NA2D with kernel ``k``, processed in steps of
+    ``nt`` consecutive rows of tiles, and the index tensors that move a step's query tiles
+    and key regions in and out of ``(BH, rows * W, c)`` views with one op each."""
 
-    def __init__(self, H: int, W: int, kernel_size: int, tile: int, device):
+    def __init__(self, H: int, W: int, kernel_size: int, tile: int, device, heads: int = 1):
         self.H, self.W, self.k = H, W, kernel_size
         self.rows = rows = _Axis(H, kernel_size, tile, device)
         self.cols = cols = _Axis(W, kernel_size, tile, device)
         th, tw, rh, rw, tc = rows.t, cols.t, rows.r, cols.r, cols.tiles
+        # rows of tiles per step: about STEPS_PER_CALL steps of STEP_LOGITS logits or more
+        per_row = heads * tc * th * tw * rh * rw
+        self.nt = nt = max(1, min(rows.tiles, max(-(-rows.tiles // STEPS_PER_CALL), STEP_LOGITS[0] // per_row),
+                                  STEP_LOGITS[1] // per_row))
+        self.steps = [range(t, min(t + nt, rows.tiles)) for t in range(0, rows.tiles, nt)]
         ar = functools.partial(torch.arange, device=device)
-        # queries of one tile row (th x padded W) -> (tc, th*tw); regions (rh x W) -> (tc, rh*rw)
-        self.query_index = (ar(th)[None, :, None] * cols.padded + ar(tc)[:, None, None] * tw
-                            + ar(tw)[None, None, :]).reshape(-1)
-        self.region_index = (ar(rh)[None, :, None] * W + cols.region[:, None, None]
-                             + ar(rw)[None, None, :]).reshape(-1)
+        # queries of nt rows of tiles (nt*th x padded W) -> (nt, tc, th*tw)
+        self.query_index = ((ar(nt)[:, None, None, None] * th + ar(th)[None, None, :, None]) * cols.padded
+                            + ar(tc)[None, :, None, None] * tw + ar(tw)[None, None, None, :]).reshape(-1)
+        # key columns of the regions (tc, rw); the rows depend on the step
+        self.region_cols = cols.region[:, None] + ar(rw)
         # tile rows with the same row pattern (all interior ones) share their bias
         patterns = {}
         self.pattern = [patterns.setdefault(tuple(rows.rel[t].flatten().tolist()), len(patterns))
                         for t in range(rows.tiles)]
         self.pattern_rows = [self.pattern.index(p) for p in range(len(patterns))]
+
+    def key_rows(self, step: range) -> Tuple[int, int, torch.Tensor]:
+        """First and end row of the keys a step needs, and the index of its regions
+        ``(nt, tc, rh*rw)`` into those rows viewed as ``(rows * W)``."""
+        region = self.rows.region[step.start:step.stop]
+        first, last = int(region[0]), int(region[-1]) + self.rows.r
+        rr = (region - first)[:, None] + torch.arange(self.rows.r, device=region.device)  # (nt, rh)
+        index = rr[:, None, :, None] * self.W + self.region_cols[None, :, None, :]  # (nt, tc, rh, rw)
+        return first, last, index.reshape(-1)
 
     def bias_index(self, t: int) -> torch.Tensor:
         """Flat indices ``(tc*th*tw*rh*rw,)`` into the extended table for tile row ``t``."""
@@ -103,6 +118,12 @@ class _Tiling:
         index = ri[None, :, None, :, None] * span + ci[:, None, :, None, :]  # (tc, th, tw, rh, rw)
         invalid = (ri < 0)[None, :, None, :, None] | (ci < 0)[:, None, :, None, :]
         return index.masked_fill_(invalid, span * span).view(-1)
+
+
+#: Logits per step of rows of tiles: at least about the first and at most the second (when
+#: one row of tiles allows), in about STEPS_PER_CALL steps: fewer, larger parallel ops stand
+#: up better to a busy CPU, while the bound keeps the buffers small.
+STEP_LOGITS, STEPS_PER_CALL = (1 << 21, 1 << 23), 8
 
 
 #: Logits are floored at max - 80 before exp, which keeps exp off its very slow path for
@@ -131,24 +152,24 @@ class _NeighborhoodAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, table, kernel_size, tile):
         B, nh, H, W, d = q.shape
         BH = B * nh
-        tl = _Tiling(H, W, kernel_size, tile, q.device)
+        tl = _Tiling(H, W, kernel_size, tile, q.device, BH)
         rows, cols = tl.rows, tl.cols
         biases, masks = _pattern_biases(table, tl)
         qp = _padded(q.reshape(BH, H, W, d), rows, cols)
         out = q.new_empty(BH, rows.padded, cols.padded, d)
         lse = q.new_empty(BH, rows.padded, cols.padded, 1)
-        qt, kr, vr, o, S = _tile_buffers(q, BH, tl, d)
-        for t in range(rows.tiles):
-            _gather_tile_row(qp, t, tl, qt, kr, vr, k, v)
+        buffers = _step_buffers(q, BH, tl, d)
+        for step in tl.steps:
+            qt, kr, vr, o, S = _gather_step(qp, k, v, step, tl, buffers)
             torch.bmm(qt, kr.transpose(1, 2), out=S)
-            S.view(B, nh, -1).add_(biases[tl.pattern[t]])
+            _per_pattern(S, step, tl, B, nh, biases, torch.Tensor.add_)
             m = S.amax(-1, keepdim=True)
             S.sub_(m).clamp_min_(_EXP_FLOOR).exp_()
-            S.view(B, nh, -1).mul_(masks[tl.pattern[t]])
+            _per_pattern(S, step, tl, B, nh, masks, torch.Tensor.mul_)
             l = S.sum(-1, keepdim=True)
             torch.bmm(S, vr, out=o)
-            _scatter_tile_row(o.div_(l), out, t, tl)
-            _scatter_tile_row(m.add_(l.log_()), lse, t, tl)
+            _scatter_step(o.div_(l), out, step, tl)
+            _scatter_step(m.add_(l.log_()), lse, step, tl)
         ctx.save_for_backward(q, k, v, table, out, lse)
         ctx.args = (kernel_size, tile)
         return out[:, :H, :W].reshape(B, nh, H, W, d)
@@ -159,7 +180,7 @@ class _NeighborhoodAttentionFunction(torch.autograd.Function):
         kernel_size, tile = ctx.args
         B, nh, H, W, d = q.shape
         BH = B * nh
-        tl = _Tiling(H, W, kernel_size, tile, q.device)
+        tl = _Tiling(H, W, kernel_size, tile, q.device, BH)
         rows, cols = tl.rows, tl.cols
         biases, masks = _pattern_biases(table, tl)
         dbiases = [torch.zeros_like(b) for b in biases]
@@ -168,24 +189,27 @@ class _NeighborhoodAttentionFunction(torch.autograd.Function):
         Dsum = (dout * out).sum(-1, keepdim=True)
         dq = torch.empty_like(qp)
         dk, dv = q.new_zeros(BH, H * W, d), q.new_zeros(BH, H * W, d)
-        qt, kr, vr, o, S = _tile_buffers(q, BH, tl, d)
-        dot, dS, dkr = torch.empty_like(qt), torch.empty_like(S), torch.empty_like(kr)
-        lt, Dt = q.new_empty(BH * cols.tiles, rows.t * cols.t, 1), q.new_empty(BH * cols.tiles, rows.t * cols.t, 1)
-        for t in range(rows.tiles):
-            _gather_tile_row(qp, t, tl, qt, kr, vr, k, v)
-            for src, dst in ((dout, dot), (lse, lt), (Dsum, Dt)):
-                _gather_tile_row(src, t, tl, dst)
+        buffers = _step_buffers(q, BH, tl, d)
+        dot, dS, dkr = torch.empty_like(buffers[0]), torch.empty_like(buffers[4]), torch.empty_like(buffers[1])
+        lt, Dt = q.new_empty(buffers[0].shape[:-1] + (1,)), q.new_empty(buffers[0].shape[:-1] + (1,))
+        for step in tl.steps:
+            qt, kr, vr, o, S = _gather_step(qp, k, v, step, tl, buffers)
+            n = qt.shape[0]
+            dot_, dS_, dkr_, lt_, Dt_ = dot[:n], dS[:n], dkr[:n], lt[:n], Dt[:n]
+            for src, dst in ((dout, dot_), (lse, lt_), (Dsum, Dt_)):
+                _scatter_step(dst, src, step, tl, gather=True)
             torch.bmm(qt, kr.transpose(1, 2), out=S)
-            S.view(B, nh, -1).add_(biases[tl.pattern[t]])
-            S.sub_(lt).clamp_min_(_EXP_FLOOR).exp_()
-            S.view(B, nh, -1).mul_(masks[tl.pattern[t]])  # P
-            torch.bmm(dot, vr.transpose(1, 2), out=dS)
-            dS.sub_(Dt).mul_(S)
-            dbiases[tl.pattern[t]] += dS.view(B, nh, -1).sum(0) if B > 1 else dS.view(nh, -1)
-            region = slice(rows.region[t] * W, (rows.region[t] + rows.r) * W)
-            dv[:, region].index_add_(1, tl.region_index, torch.bmm(S.transpose(1, 2), dot, out=dkr).view(BH, -1, d))
-            dk[:, region].index_add_(1, tl.region_index, torch.bmm(dS.transpose(1, 2), qt, out=dkr).view(BH, -1, d))
-            _scatter_tile_row(torch.bmm(dS, kr, out=o), dq, t, tl)
+            _per_pattern(S, step, tl, B, nh, biases, torch.Tensor.add_)
+            S.sub_(lt_).clamp_min_(_EXP_FLOOR).exp_()
+            _per_pattern(S, step, tl, B, nh, masks, torch.Tensor.mul_)  # P
+            torch.bmm(dot_, vr.transpose(1, 2), out=dS_)
+            dS_.sub_(Dt_).mul_(S)
+            _per_pattern(dS_, step, tl, B, nh, dbiases, _accumulate)
+            first, last, index = tl.key_rows(step)
+            keys = slice(first * W, last * W)
+            dv[:, keys].index_add_(1, index, torch.bmm(S.transpose(1, 2), dot_, out=dkr_).view(BH, -1, d))
+            dk[:, keys].index_add_(1, index, torch.bmm(dS_.transpose(1, 2), qt, out=dkr_).view(BH, -1, d))
+            _scatter_step(torch.bmm(dS_, kr, out=o), dq, step, tl)
         dext = torch.zeros_like(_extended_table(table))
         for t, db in zip(tl.pattern_rows, dbiases):
             index = tl.bias_index(t)
@@ -194,13 +218,36 @@ class _NeighborhoodAttentionFunction(torch.autograd.Function):
         return dq[:, :H, :W].reshape(q.shape), dk.view(k.shape), dv.view(v.shape), dtable, None, None
 
 
+def _accumulate(logits: torch.Tensor, into: torch.Tensor):
+    """``into (heads, L) += logits (B, heads, L)`` summed over the batch."""
+    into += logits.sum(0)
+
+
+def _per_pattern(S: torch.Tensor, step: range, tl: _Tiling, B: int, nh: int, per_pattern, op):
+    """Applies ``op(S rows, per_pattern[p])`` to the logits ``S`` of a step, row of tiles by
+    row of tiles, all at once where they share their pattern."""
+    logits = S.view(B, nh, len(step), -1)
+    patterns = [tl.pattern[t] for t in step]
+    if op is _accumulate:
+        if len(set(patterns)) == 1:
+            _accumulate(logits.sum(2), per_pattern[patterns[0]])
+        else:
+            for i, p in enumerate(patterns):
+                _accumulate(logits[:, :, i], per_pattern[p])
+    elif len(set(patterns)) == 1:
+        op(logits, per_pattern[patterns[0]].unsqueeze(1))
+    else:
+        for i, p in enumerate(patterns):
+            op(logits[:, :, i], per_pattern[p])
+
+
 def _pattern_biases(table: torch.Tensor, tl: _Tiling):
     """Per distinct row pattern: the bias, ``-inf`` outside the windows, ``(heads, L)``, and
-    the windows as 0 / 1 ``(L,)``, ``L = tc*th*tw*rh*rw``."""
+    the windows as 0 / 1 ``(1, L)``, ``L = tc*th*tw*rh*rw``."""
     ext = _extended_table(table)
     indices = [tl.bias_index(t) for t in tl.pattern_rows]
     inf_index = ext.shape[1] - 1
-    return [ext.index_select(1, i) for i in indices], [(i != inf_index).to(table.dtype) for i in indices]
+    return [ext.index_select(1, i) for i in indices], [(i != inf_index).to(table.dtype)[None] for i in indices]
 
 
 def _padded(x: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
@@ -208,32 +255,39 @@ def _padded(x: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, cols.padded - x.shape[2], 0, rows.padded - x.shape[1]))
 
 
-def _tile_buffers(q: torch.Tensor, BH: int, tl: _Tiling, d: int):
+def _step_buffers(q: torch.Tensor, BH: int, tl: _Tiling, d: int):
+    """Query tiles, key and value regions, output tiles and logits of the largest step."""
     rows, cols = tl.rows, tl.cols
-    n, queries, keys = BH * cols.tiles, rows.t * cols.t, rows.r * cols.r
+    n, queries, keys = BH * tl.nt * cols.tiles, rows.t * cols.t, rows.r * cols.r
     return (q.new_empty(n, queries, d), q.new_empty(n, keys, d), q.new_empty(n, keys, d),
             q.new_empty(n, queries, d), q.new_empty(n, queries, keys))
 
 
-def _gather_tile_row(x, t: int, tl: _Tiling, x_tiles, k_regions=None, v_regions=None, k=None, v=None):
-    """Queries of tile row ``t`` (padded ``(BH, Hp, Wp, c)``) -> ``(BH*tc, th*tw, c)``; and the
-    key / value regions ``(BH*tc, rh*rw, d)`` of ``k`` and ``v`` ``(..., H, W, d)``."""
-    BH, c = x.shape[0], x.shape[-1]
-    th = tl.rows.t
-    rows = x[:, t * th:(t + 1) * th].reshape(BH, -1, c)
-    torch.index_select(rows, 1, tl.query_index, out=x_tiles.view(BH, -1, c))
-    if k_regions is not None:
-        r0, rh = int(tl.rows.region[t]), tl.rows.r
-        for src, dst in ((k, k_regions), (v, v_regions)):
-            src = src.reshape(BH, -1, src.shape[-1])[:, r0 * tl.W:(r0 + rh) * tl.W]
-            torch.index_select(src, 1, tl.region_index, out=dst.view(BH, -1, dst.shape[-1]))
+def _gather_step(qp, k, v, step: range, tl: _Tiling, buffers):
+    """A step's query tiles ``(BH*nt*tc, th*tw, d)`` from the padded queries and its key /
+    value regions ``(BH*nt*tc, rh*rw, d)`` from ``k``, ``v`` (``(..., H, W, d)``)."""
+    BH, d = qp.shape[0], qp.shape[-1]
+    n = BH * len(step) * tl.cols.tiles
+    qt, kr, vr, o, S = (b[:n] for b in buffers)
+    _scatter_step(qt, qp, step, tl, gather=True)
+    first, last, index = tl.key_rows(step)
+    for src, dst in ((k, kr), (v, vr)):
+        src = src.reshape(BH, -1, d)[:, first * tl.W:last * tl.W]
+        torch.index_select(src, 1, index, out=dst.view(BH, -1, d))
+    return qt, kr, vr, o, S
 
 
-def _scatter_tile_row(tiles: torch.Tensor, into: torch.Tensor, t: int, tl: _Tiling):
-    """Inverse of the query gather: ``(BH*tc, th*tw, c)`` into tile row ``t`` of ``into``."""
+def _scatter_step(tiles: torch.Tensor, into: torch.Tensor, step: range, tl: _Tiling, gather: bool = False):
+    """Query tiles ``(BH*nt*tc, th*tw, c)`` of a step into ``into`` (``(BH, Hp, Wp, c)``), or
+    with ``gather`` the other way round."""
     BH, c = into.shape[0], into.shape[-1]
     th = tl.rows.t
-    into[:, t * th:(t + 1) * th].reshape(BH, -1, c).index_copy_(1, tl.query_index, tiles.view(BH, -1, c))
+    rows = into[:, step.start * th:step.stop * th].reshape(BH, -1, c)
+    index = tl.query_index[:rows.shape[1]]
+    if gather:
+        torch.index_select(rows, 1, index, out=tiles.view(BH, -1, c))
+    else:
+        rows.index_copy_(1, index, tiles.view(BH, -1, c))
 
 
 def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
