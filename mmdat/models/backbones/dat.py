@@ -198,6 +198,8 @@ class DAT(BaseModule):
         frozen_stages: Freeze the stem (0) and the first ``frozen_stages`` stages with their
             output norms; -1 freezes nothing.
         with_cp: Activation checkpointing of every block.
+        check_finite: Reject inputs holding NaN / Inf with a clear error. ``None`` checks on
+            CPU only: on an accelerator the check forces a host sync on every forward.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads official DAT / DAT++
             checkpoints (classification, DAT-Detection, DAT-Segmentation) or mmdat's own.
     """
@@ -212,6 +214,7 @@ class DAT(BaseModule):
                  drop_path_rate: float = 0.,
                  frozen_stages: int = -1,
                  with_cp: bool = False,
+                 check_finite: Optional[bool] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = s = resolve_arch(arch)
@@ -223,6 +226,7 @@ class DAT(BaseModule):
         self.in_channels = in_channels
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
+        self.check_finite = check_finite
         dims = s['embed_dims']
 
         if s['overlapping_patches']:
@@ -306,11 +310,8 @@ class DAT(BaseModule):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'DAT expects a batch of images B x {self.in_channels} x H x W, got {shape}')
-        # NaN / Inf: one reduction over the input. On CPU it is cheap next to the backbone and
-        # always on; on an accelerator it would also force a host sync on every forward, so
-        # there it runs only when asked (`model.backbone.check_finite = True`). A non-finite
-        # input otherwise poisons every feature map, the loss and, after one step, the weights.
-        check = getattr(self, 'check_finite', None)
+        # A non-finite input poisons every feature map, the loss and, after one step, the weights.
+        check = self.check_finite
         if check or (check is None and x.device.type == 'cpu'):
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
