@@ -1,0 +1,58 @@
+"""The sampling-point visualisation (paper Figure 4) and the inference demo on a user's image."""
+import importlib.util
+import os.path as osp
+
+import mmcv
+import numpy as np
+import torch
+
+from conftest import REPO
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(osp.basename(path)[:-3], osp.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampling_points_lie_on_the_image_and_are_drawn(tmp_path):
+    vis = _load('tools/analysis_tools/visualize_sampling_points.py')
+    config = osp.join(REPO, 'configs', 'mask_rcnn_datpp_t_3x.py')
+    backbone, mean, std = vis.load_backbone(config)
+    image = (np.random.RandomState(0).rand(96, 160, 3) * 255).astype(np.uint8)
+    points = vis.sampling_points(backbone, image, mean, std, [2, 3])
+    # stage 3 of DAT-T++: 4 groups, key stride 2 on a 6x10 map -> 3x5 keys; stage 4: 8 groups, 3x5 keys
+    assert [len(points[2]), len(points[3])] == [4, 8]
+    for stage in (2, 3):
+        for xs, ys in points[stage]:
+            assert xs.shape == (15,) and np.isfinite(xs).all() and np.isfinite(ys).all()
+    # unbounded DAT++ offsets are clamped to the map: keys stay within the image
+    xs, ys = np.concatenate([p[0] for p in points[3]]), np.concatenate([p[1] for p in points[3]])
+    assert xs.min() >= -0.5 and xs.max() <= 159.5 and ys.min() >= -0.5 and ys.max() <= 95.5
+
+    path = str(tmp_path / 'in.jpg')
+    mmcv.imwrite(image, path)
+    out = str(tmp_path / 'points.png')
+    vis.main([config, path, '--out', out])
+    assert mmcv.imread(out).shape[2] == 3
+
+
+def test_inference_demo_saves_the_picture(tmp_path):
+    demo = _load('tools/inference_demo.py')
+    from mmengine.config import Config
+
+    import mmdat  # noqa: F401
+    from mmseg.registry import MODELS
+    from mmengine.registry import init_default_scope
+    config = osp.join(REPO, 'configs', 'demo', 'upernet_dat_demo.py')
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.init_cfg = None
+    init_default_scope('mmseg')
+    checkpoint = str(tmp_path / 'model.pth')
+    torch.save({'state_dict': MODELS.build(cfg.model).state_dict(), 'meta': {}}, checkpoint)
+    image = str(tmp_path / 'photo.jpg')
+    mmcv.imwrite((np.random.RandomState(0).rand(64, 80, 3) * 255).astype(np.uint8), image)
+    demo.main([config, checkpoint, image, '--out-dir', str(tmp_path / 'out'), '--device', 'cpu'])
+    drawn = mmcv.imread(str(tmp_path / 'out' / 'vis' / 'photo.jpg'))
+    assert drawn is not None and drawn.shape[:2] == (64, 80)
