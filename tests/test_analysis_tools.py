@@ -1,4 +1,4 @@
-"""The sampling-point visualisation (paper Figure 4) and the inference demo on a user's image."""
+"""Sampling-point visualisation (paper Figure 4), inference demo on a user's image, images/s benchmark."""
 import importlib.util
 import os.path as osp
 
@@ -56,3 +56,11 @@ def test_inference_demo_saves_the_picture(tmp_path):
     demo.main([config, checkpoint, image, '--out-dir', str(tmp_path / 'out'), '--device', 'cpu'])
     drawn = mmcv.imread(str(tmp_path / 'out' / 'vis' / 'photo.jpg'))
     assert drawn is not None and drawn.shape[:2] == (64, 80)
+
+
+def test_benchmark_reports_images_per_second(capsys):
+    bench = _load('tools/analysis_tools/benchmark.py')
+    bench.main([osp.join(REPO, 'configs', 'upernet_dat_t_160k.py'), '--shape', '64', '64', '--iters', '1',
+                '--warmup', '0', '--device', 'cpu', '--train'])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith('upernet_dat_t_160k.py: ') and float(line.split()[1]) > 0
