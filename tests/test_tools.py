@@ -204,3 +204,29 @@ def test_crafted_checkpoint_does_not_execute(tmp_path):
     torch.save({'message_hub': {'log_scalars': {'loss': buf}}}, good)
     loaded = torch.load(good, map_location='cpu')['message_hub']['log_scalars']['loss']
     assert loaded.mean() == 2.0 and loaded.statistics('max') == 3.0
+
+
+def test_demo_roi_features_read_dat_maps_correctly():
+    """DAT's outputs (and the FPN maps built from them) are channels-last views; mmcv 2.1's
+    RoIAlign reads its input as contiguous NCHW memory and pools wrong values from them.
+    The demo's RoI extractors (torchvision's RoIAlign) must give what RoIAlign gives on
+    contiguous copies of the same maps."""
+    import mmdat  # noqa: F401
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    from mmdet.structures.bbox import bbox2roi
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(DET_CFG)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        feats = model.extract_feat(torch.randn(2, 3, 128, 128))
+        assert not feats[0].is_contiguous()  # the situation the extractor must cope with
+        rois = bbox2roi([torch.tensor([[10., 12., 60., 70.], [30., 40., 90., 100.]]),
+                         torch.tensor([[5., 5., 120., 110.]])])
+        for extractor in (model.roi_head.bbox_roi_extractor, model.roi_head.mask_roi_extractor):
+            n = extractor.num_inputs
+            got = extractor(feats[:n], rois)
+            want = extractor([f.contiguous() for f in feats[:n]], rois)
+            assert got.abs().max() > 0 and torch.allclose(got, want, atol=1e-5)
