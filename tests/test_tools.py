@@ -82,6 +82,9 @@ def test_shapes_dataset_layout_and_determinism(shapes, tmp_path):
         assert (seg[m] == a['category_id']).all() and m.sum() == a['area']
     assert len(glob.glob(osp.join(shapes, 'images', 'validation', '*.jpg'))) == 4
     assert sorted(os.listdir(osp.join(shapes, 'classification', 'train'))) == ['circle', 'square', 'triangle']
+    from mmpretrain.datasets import CustomDataset  # the class-per-folder split reads as mmpretrain's CustomDataset
+    cls = CustomDataset(data_root=shapes, data_prefix='classification/val', pipeline=[])
+    assert cls.metainfo['classes'] == ('circle', 'square', 'triangle') and sorted(cls.get_gt_labels()) == [0, 1, 2]
     # seeded: a second copy is identical
     again = make_shapes_dataset(str(tmp_path / 'again'), num_train=12, num_val=4, num_cls_train=6, num_cls_val=3)
     for name in ('annotations/instances_train.json', 'images/training/000005.jpg', 'annotations/validation/000003.png'):
