@@ -112,6 +112,7 @@ def test_output_shapes_any_size(arch, size):
         stride = 4 * 2 ** i
         assert out.shape == (1, arch['embed_dims'][i], math.ceil(size[0] / stride), math.ceil(size[1] / stride))
         assert torch.isfinite(out).all()
+        assert out.is_contiguous()  # NCHW memory: mmcv's ops (e.g. CPU RoIAlign) read it as such
 
 
 @pytest.mark.parametrize('scope,registry', [('mmdet', 'mmdet.registry'), ('mmseg', 'mmseg.registry'),

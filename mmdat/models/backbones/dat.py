@@ -331,4 +331,6 @@ class DAT(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         feats = self.forward_stages(x, max(self.out_indices) + 1)
-        return tuple(getattr(self, f'norm{i}')(feats[i]) for i in self.out_indices)
+        # Contiguous NCHW, as the official code returns: the norm leaves a channels-last view,
+        # which convolutions propagate into the neck and mmcv's CPU RoIAlign misreads.
+        return tuple(getattr(self, f'norm{i}')(feats[i]).contiguous() for i in self.out_indices)
