@@ -210,10 +210,9 @@ def test_crafted_checkpoint_does_not_execute(tmp_path):
 
 
 def test_demo_roi_features_read_dat_maps_correctly():
-    """DAT's outputs (and the FPN maps built from them) are channels-last views; mmcv 2.1's
-    RoIAlign reads its input as contiguous NCHW memory and pools wrong values from them.
-    The demo's RoI extractors (torchvision's RoIAlign) must give what RoIAlign gives on
-    contiguous copies of the same maps."""
+    """mmcv 2.1's RoIAlign reads its input as contiguous NCHW memory and pools wrong values
+    from channels-last views, which DAT's output norms used to leave. The RoI extractors
+    must give what RoIAlign gives on contiguous copies of the same maps."""
     import mmdat  # noqa: F401
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
@@ -225,7 +224,7 @@ def test_demo_roi_features_read_dat_maps_correctly():
     model = MODELS.build(cfg.model).eval()
     with torch.no_grad():
         feats = model.extract_feat(torch.randn(2, 3, 128, 128))
-        assert not feats[0].is_contiguous()  # the situation the extractor must cope with
+        assert all(f.is_contiguous() for f in feats)  # DAT returns NCHW memory, so the FPN does
         rois = bbox2roi([torch.tensor([[10., 12., 60., 70.], [30., 40., 90., 100.]]),
                          torch.tensor([[5., 5., 120., 110.]])])
         for extractor in (model.roi_head.bbox_roi_extractor, model.roi_head.mask_roi_extractor):

@@ -28,9 +28,9 @@ model = dict(
         init_cfg=None),
     neck=dict(in_channels=list(dims), out_channels=neck_channels),
     rpn_head=dict(in_channels=neck_channels, feat_channels=neck_channels),
-    # torchvision's RoIAlign: mmcv's (2.1) reads its input as contiguous NCHW memory, and
-    # DAT's outputs (LayerNorm over channels of a permuted map) and the FPN maps made
-    # from them are channels-last, so mmcv's op pools the wrong values.
+    # torchvision's RoIAlign: mmcv's (2.1) reads its input as contiguous NCHW memory and
+    # pools wrong values from channels-last views (DAT now returns NCHW memory; this keeps
+    # the demo independent of the layout of the maps it is given).
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=neck_channels, roi_layer=dict(use_torchvision=True)),
         bbox_head=dict(in_channels=neck_channels, fc_out_channels=256, num_classes=len(classes)),
