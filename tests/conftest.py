@@ -24,3 +24,14 @@ def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(False)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_default_scope():
+    """Tools called in-process set MMEngine's global default scope (the latest DefaultScope
+    instance); drop the ones a test created so the next test sees the scope it started with."""
+    from mmengine.registry import DefaultScope
+    before = set(DefaultScope._instance_dict)
+    yield
+    for name in set(DefaultScope._instance_dict) - before:
+        del DefaultScope._instance_dict[name]

@@ -43,14 +43,15 @@ def test_inference_demo_saves_the_picture(tmp_path):
     from mmengine.config import Config
 
     import mmdat  # noqa: F401
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
-    from mmengine.registry import init_default_scope
     config = osp.join(REPO, 'configs', 'demo', 'upernet_dat_demo.py')
     cfg = Config.fromfile(config)
     cfg.model.backbone.init_cfg = None
-    init_default_scope('mmseg')
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
     checkpoint = str(tmp_path / 'model.pth')
-    torch.save({'state_dict': MODELS.build(cfg.model).state_dict(), 'meta': {}}, checkpoint)
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, checkpoint)
     image = str(tmp_path / 'photo.jpg')
     mmcv.imwrite((np.random.RandomState(0).rand(64, 80, 3) * 255).astype(np.uint8), image)
     demo.main([config, checkpoint, image, '--out-dir', str(tmp_path / 'out'), '--device', 'cpu'])

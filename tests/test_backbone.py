@@ -56,13 +56,15 @@ def test_official_parity(path):
         if 'outputs' in fixture:
             assert _max_diff(model(x), fixture['outputs']) <= TOL
     if with_logits:
+        from mmengine.registry import DefaultScope
         from mmpretrain.models import ImageClassifier
         head = extract_state_dict(fixture)
         num_classes, channels = head['head.fc.weight'].shape
-        classifier = ImageClassifier(
-            backbone=dict(type='DAT', **kwargs, init_cfg=dict(type='Pretrained', checkpoint=path)),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=channels))
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            classifier = ImageClassifier(
+                backbone=dict(type='DAT', **kwargs, init_cfg=dict(type='Pretrained', checkpoint=path)),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(type='LinearClsHead', num_classes=num_classes, in_channels=channels))
         classifier.init_weights()
         classifier.head.load_state_dict({'fc.weight': head['head.fc.weight'], 'fc.bias': head['head.fc.bias']})
         classifier.eval()
