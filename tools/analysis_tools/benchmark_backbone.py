@@ -35,6 +35,10 @@ the least disturbed measure of the work done). Peak memory:
 
 The load average and the CPU affinity are printed: CPU timings are only comparable on an
 otherwise idle machine (pin with ``taskset -c 0,1`` and keep ``--threads`` to the cores).
+The case subprocesses run with ``OMP_WAIT_POLICY=PASSIVE`` by default: on a shared machine,
+OpenMP threads spinning at barriers take the cores their peers need, which slowed every
+model 2-3x here (most those with many parallel ops, such as the tiled attention paths);
+``--omp-wait-policy inherit`` keeps the environment's setting.
 """
 import argparse
 import json
@@ -78,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     p.add_argument('--amp', action='store_true', help='CUDA: also run every case under fp16 autocast')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    p.add_argument('--omp-wait-policy', default='passive', choices=['passive', 'active', 'inherit'],
+                   help="OMP_WAIT_POLICY of the case subprocesses (default passive; 'inherit': leave the "
+                   'environment as it is)')
     p.add_argument('--timeout', type=float, default=1800, help='seconds per case subprocess')
     p.add_argument('--json', default=None, help='also write all results to this file')
     p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
@@ -203,9 +210,11 @@ def _cases(args, device):
     return cases
 
 
-def _spawn(case, timeout) -> dict:
+def _spawn(case, timeout, wait_policy='inherit') -> dict:
     cmd = [sys.executable, osp.abspath(__file__), '--worker', json.dumps(case)]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    if wait_policy != 'inherit':
+        env['OMP_WAIT_POLICY'] = wait_policy.upper()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -266,10 +275,12 @@ def main(argv=None):
     print(f'torch {torch.__version__}, device {device}'
           + (f' ({torch.cuda.get_device_name()})' if device == 'cuda' else
              f', threads {args.threads or torch.get_num_threads()}, affinity {sorted(os.sched_getaffinity(0))}'))
+    policy = os.environ.get('OMP_WAIT_POLICY', '(unset)') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy
+    print(f'OMP_WAIT_POLICY of the cases: {policy}')
     print(f'load average at start: {os.getloadavg()}')
     results = []
     for case in _cases(args, device):
-        r = _spawn(case, args.timeout)
+        r = _spawn(case, args.timeout, args.omp_wait_policy)
         results.append(r)
         name, size, impl, mode = _label(r)
         status = r.get('error') or f'{r["time"]:.3f} s, {r["mem"]:.0f} MB'
