@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the dir to save the evaluation log and metrics')
     parser.add_argument('--out', help='dump the predictions to this pickle file')
-    parser.add_argument('--show-dir', help='save the drawn predictions under this dir (in the work dir)')
+    parser.add_argument('--show-dir', help='draw the predictions into this dir (relative: in the work dir)')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation (tta_model / tta_pipeline)')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
@@ -47,8 +47,10 @@ def _enable_drawing(cfg: Config, scope: str, show_dir: str) -> None:
         raise RuntimeError('--show-dir needs a `visualization` hook in default_hooks')
     hooks.visualization.draw = True
     if scope == 'mmseg':
-        # SegVisualizationHook writes through the visualizer's save dir.
-        cfg.visualizer['save_dir'] = show_dir
+        # SegVisualizationHook writes through the visualizer's save dir (a relative one goes
+        # into the work dir, as mmdet's does) and draws every `interval`-th batch only.
+        cfg.visualizer['save_dir'] = osp.join(cfg.work_dir, show_dir)
+        hooks.visualization.interval = 1
     elif scope == 'mmpretrain':
         hooks.visualization.enable = True
         hooks.visualization.out_dir = show_dir
