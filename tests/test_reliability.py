@@ -145,21 +145,23 @@ def _sum_losses(losses):
 
 
 def test_image_without_annotations_trains(bad_coco):
-    from mmengine.dataset import pseudo_collate
-    ds = _coco_dataset(bad_coco)
-    empty = ds[4]
-    assert osp.basename(empty['data_samples'].img_path) == 'empty.png'
-    assert len(empty['data_samples'].gt_instances) == 0
-    model = _nano_detector().train()
-    data = model.data_preprocessor(pseudo_collate([empty, ds[0]]), True)
-    losses = model(**data, mode='loss')
-    total = _sum_losses(losses)
-    assert torch.isfinite(total)
-    total.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    # a batch of only unannotated images too
-    data = model.data_preprocessor(pseudo_collate([empty, empty]), True)
-    assert torch.isfinite(_sum_losses(model(**data, mode='loss')))
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmdet'):  # mmdet's LoadAnnotations, not mmseg's
+        from mmengine.dataset import pseudo_collate
+        ds = _coco_dataset(bad_coco)
+        empty = ds[4]
+        assert osp.basename(empty['data_samples'].img_path) == 'empty.png'
+        assert len(empty['data_samples'].gt_instances) == 0
+        model = _nano_detector().train()
+        data = model.data_preprocessor(pseudo_collate([empty, ds[0]]), True)
+        losses = model(**data, mode='loss')
+        total = _sum_losses(losses)
+        assert torch.isfinite(total)
+        total.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        # a batch of only unannotated images too
+        data = model.data_preprocessor(pseudo_collate([empty, empty]), True)
+        assert torch.isfinite(_sum_losses(model(**data, mode='loss')))
 
 
 # ----------------------------------------------------------------------------- checkpoints
