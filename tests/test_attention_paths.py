@@ -66,13 +66,14 @@ DA_CASES = [  # embed_dims, heads, groups, key stride, offset_range_factor, tabl
     (24, 2, 1, 1, -1, (4, 4), 'v1', (6, 5), 1),
     (32, 4, 4, 3, -1, None, 'pp', (10, 8), 2),
     (16, 2, 2, 8, -1, (14, 14), 'pp', (16, 24), 1),  # stage-1 like: few keys, a wide table band
+    (32, 4, 2, (1, 2), -1, (5, 6), 'pp', (9, 16), 1),  # anisotropic key grid (ADE20K v1 configs)
 ]
 
 
 @pytest.mark.parametrize('native', BIAS_IMPLS)
 @pytest.mark.parametrize('tile', [None, 300, 2000], ids=['one-tile', 'row-and-group-tiles', 'row-tiles'])
-@pytest.mark.parametrize('case', DA_CASES, ids=lambda c: f'{c[6]}-C{c[0]}-M{c[1]}-G{c[2]}-r{c[3]}-s{c[4]}'
-                         f'-{"table" if c[5] else "notable"}-B{c[8]}')
+@pytest.mark.parametrize('case', DA_CASES, ids=lambda c: (f'{c[6]}-C{c[0]}-M{c[1]}-G{c[2]}-r{c[3]}-s{c[4]}'
+                         f'-{"table" if c[5] else "notable"}-B{c[8]}').replace(' ', ''))
 def test_deformable_paths_agree_float64(case, tile, native, monkeypatch):
     """Outputs and gradients (input, offset network, table, projections) agree to rounding."""
     C, M, G, r, orf, table, flavor, size, B = case

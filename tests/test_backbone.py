@@ -14,6 +14,7 @@ import mmdat  # noqa: F401
 from mmdat.models.backbones import ARCH_SETTINGS, DAT
 from mmdat.models.backbones.dat_checkpoint import (CheckpointMismatchError, extract_state_dict,
                                                    load_dat_checkpoint, official_arch)
+from mmdat.models.layers.deformable_attention import DeformableAttention
 from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
 
 from conftest import NANO_PP, NANO_V1, REPO, fixtures_dir
@@ -209,11 +210,26 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
     (dict(NANO_PP, groups=(1, 2, 3, 4)), 'groups >= 1 dividing num_heads'),
     (dict(NANO_PP, stage_specs=('NX', 'N', 'N', 'D')), 'string of'),
     (dict(NANO_PP, key_strides=(8, 4, 2)), 'needs 4 values'),
+    (dict(NANO_PP, key_strides=(8, 4, (0, 2), 1)), 'positive int or a pair'),
     (dict(NANO_PP, window=7), 'unknown DAT arch fields'),
 ])
 def test_bad_arch_fails_at_construction(arch, match):
     with pytest.raises(ValueError, match=match):
         DAT(arch)
+
+
+def test_key_stride_pair_samples_an_anisotropic_grid():
+    """``key_strides`` entries (ry, rx) stride the offset network per axis (a config's lists
+    become tuples)."""
+    model = DAT(dict(NANO_PP, key_strides=[8, 4, [1, 2], 1]))
+    assert model.arch_settings['key_strides'] == (8, 4, (1, 2), 1)
+    attn = [m for m in model.modules() if isinstance(m, DeformableAttention)]
+    grids = []
+    for m in attn:
+        m.offset.register_forward_hook(lambda mod, args, out: grids.append(tuple(out.shape[-2:])))
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 64, 96))
+    assert grids[0] == (2, 3) and (4, 3) in grids  # stage 1: 16x24 / 8; stage 3: 4x6 / (1, 2)
 
 
 def test_wrong_input_channels_is_a_clear_error():

@@ -354,3 +354,40 @@ def test_bf16_autocast_training_is_finite_and_close_to_fp32():
     assert l16[-1] < l16[0]  # it learns
     for a, b in zip(l32, l16):
         assert abs(a - b) <= 0.1 * abs(a) + 0.05, (l32, l16)
+
+
+def test_cpu_bf16_optim_wrapper_trains_backbone_and_neck_in_bf16():
+    """``tools/train.py --amp`` on CPU: bf16 autocast of the backbone and neck, float32 heads
+    (mmcv's CPU nms / RoIAlign), finite losses, the modules' own forward back afterwards."""
+    from mmdet.testing import demo_mm_inputs
+    from mmdat.engine import CPUBF16OptimWrapper
+    model = _nano_detector().train()
+    wrapper = CPUBF16OptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    dtypes = {}
+    stem_conv = next(m for m in model.backbone.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    stem_conv.register_forward_hook(lambda m, a, out: dtypes.update(stem=out.dtype) or None)
+    model.rpn_head.register_forward_pre_hook(lambda m, args: dtypes.update(rpn_in=args[0][0].dtype) or None)
+    torch.manual_seed(1)
+    packed = demo_mm_inputs(2, [[3, 64, 64], [3, 64, 64]], num_items=[3, 2], num_classes=3, with_mask=True)
+    before = stem_conv.weight.detach().clone()
+    for _ in range(2):
+        log_vars = model.train_step(packed, wrapper)
+        assert all(torch.isfinite(torch.as_tensor(v)) for v in log_vars.values()), log_vars
+    assert dtypes == dict(stem=torch.bfloat16, rpn_in=torch.float32)
+    assert not torch.equal(before, stem_conv.weight)
+    assert 'forward' not in vars(model.backbone) and 'forward' not in vars(model.neck)
+    with pytest.raises(ValueError, match='none of the submodules'):
+        with CPUBF16OptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 autocast_modules=('encoder', )).optim_context(model):
+            pass
+
+
+def test_train_amp_on_cpu_selects_the_bf16_wrapper():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('mmdat_train_tool', osp.join(REPO, 'tools', 'train.py'))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    if train._has_accelerator():
+        pytest.skip('an accelerator is present: --amp picks AmpOptimWrapper')
+    cfg = train.build_config(train.parse_args([DET_CFG, '--amp', '--work-dir', 'unused']))
+    assert cfg.optim_wrapper.type == 'CPUBF16OptimWrapper' and 'loss_scale' not in cfg.optim_wrapper

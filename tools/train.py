@@ -27,7 +27,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a model (mmdet / mmseg / mmpretrain config)')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and checkpoints')
-    parser.add_argument('--amp', action='store_true', help='automatic mixed precision (needs CUDA/NPU/MLU)')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: fp16 AmpOptimWrapper on an accelerator, bf16 autocast on CPU')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate with the total batch size (auto_scale_lr in the config)')
     parser.add_argument(
@@ -61,13 +62,16 @@ def build_config(args) -> Config:
 
     if args.amp:
         optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if optim_wrapper == 'AmpOptimWrapper':
+        if optim_wrapper in ('AmpOptimWrapper', 'CPUBF16OptimWrapper'):
             print('AMP is already enabled in the config.', flush=True)
-        else:
-            assert optim_wrapper == 'OptimWrapper', \
-                f'--amp is only supported with OptimWrapper, not {optim_wrapper}'
+        elif optim_wrapper != 'OptimWrapper':
+            raise SystemExit(f'--amp is only supported with OptimWrapper, not {optim_wrapper}')
+        elif _has_accelerator():
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
+        else:  # MMEngine's AmpOptimWrapper needs an accelerator: bf16 autocast on CPU
+            cfg.optim_wrapper.type = 'CPUBF16OptimWrapper'
+            print('--amp on CPU: bfloat16 autocast of the backbone and neck (CPUBF16OptimWrapper)', flush=True)
 
     if args.auto_scale_lr:
         if 'auto_scale_lr' in cfg and 'enable' in cfg.auto_scale_lr and 'base_batch_size' in cfg.auto_scale_lr:
@@ -85,16 +89,14 @@ def build_config(args) -> Config:
     return cfg
 
 
+def _has_accelerator() -> bool:
+    from mmengine.device import is_cuda_available, is_mlu_available, is_npu_available
+    return is_cuda_available() or is_npu_available() or is_mlu_available()
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = build_config(args)
-    if args.amp:
-        import torch
-        if not torch.cuda.is_available():
-            from mmengine.device import is_mlu_available, is_npu_available
-            if not (is_npu_available() or is_mlu_available()):
-                raise SystemExit('--amp needs a CUDA (or NPU/MLU) device: MMEngine\'s AmpOptimWrapper '
-                                 'does not run on CPU')
     scope = resolve_default_scope(cfg)
     if scope:
         init_default_scope(scope)

@@ -1,7 +1,9 @@
-"""Engine helpers: atomic checkpoint writing (see :mod:`mmdat.engine.atomic_checkpoint`)."""
+"""Engine helpers: atomic checkpoint writing (:mod:`mmdat.engine.atomic_checkpoint`) and
+bfloat16 mixed precision on CPU (:mod:`mmdat.engine.cpu_amp`)."""
 from .atomic_checkpoint import atomic_save_checkpoint, install_atomic_checkpoints
+from .cpu_amp import CPUBF16OptimWrapper
 
-__all__ = ['atomic_save_checkpoint', 'install_atomic_checkpoints']
+__all__ = ['atomic_save_checkpoint', 'install_atomic_checkpoints', 'CPUBF16OptimWrapper']
 
 install_atomic_checkpoints()
 

@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument('--threads', type=int, default=None, help='OMP_NUM_THREADS of the training')
     p.add_argument('--interval', type=float, default=0.5, help='seconds between memory samples')
     p.add_argument('--max-growth-mib', type=float, default=None)
+    p.add_argument('--amp', action='store_true', help="train.py's --amp (bf16 autocast on CPU)")
     p.add_argument('--cfg-options', nargs='+', default=[])
     return p.parse_args(argv)
 
@@ -74,7 +75,7 @@ def main(argv=None):
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, osp.join(ROOT, 'tools', 'train.py'), args.config, '--work-dir', args.work_dir,
-           '--cfg-options', *opts]
+           *(['--amp'] if args.amp else []), '--cfg-options', *opts]
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = {'iter': 0, 'tail': []}

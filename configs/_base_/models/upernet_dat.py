@@ -6,7 +6,7 @@ model = dict(
         _delete_=True,
         type='DAT',
         # DAT-T (v1) run with the DAT++ formulas; see ../dat_v1_dense.py.
-        arch=dict(preset='v1-tiny', flavor='pp', key_strides=_base_.v1_dense_key_strides),
+        arch=dict(preset='v1-tiny', flavor='pp', key_strides=_base_.v1_ade_key_strides),
         pretrain_img_size=224,
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.0,

@@ -73,8 +73,9 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
     """Full architecture settings from a preset name or a dict.
 
     A dict with a ``preset`` key starts from that preset and overrides its fields; a dict
-    without one must give every field. Inconsistent settings raise ``ValueError`` here, at
-    construction time.
+    without one must give every field. A ``key_strides`` entry may be a pair ``(ry, rx)``
+    (rows, columns) instead of one stride. Inconsistent settings raise ``ValueError`` here,
+    at construction time.
     """
     if isinstance(arch, str):
         if arch not in ARCH_SETTINGS:
@@ -101,6 +102,7 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
             raise ValueError(f'DAT arch field {name!r} needs 4 values (one per stage), got {settings[name]}')
     if settings['flavor'] not in FLAVORS:
         raise ValueError(f'DAT flavor must be one of {FLAVORS}, got {settings["flavor"]!r}')
+    settings['key_strides'] = tuple(_key_stride(r, i) for i, r in enumerate(settings['key_strides']))
     for i, (dims, heads, groups, spec) in enumerate(zip(settings['embed_dims'], settings['num_heads'],
                                                         settings['groups'], settings['stage_specs'])):
         bad = sorted(set(spec) - set(SPEC_LETTERS))
@@ -112,6 +114,15 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
             raise ValueError(f'stage {i}: deformable attention needs groups >= 1 dividing num_heads '
                              f'{heads}, got groups={groups}')
     return settings
+
+
+def _key_stride(r, stage: int) -> Union[int, Tuple[int, int]]:
+    """A stage's key stride: ``r`` or ``(ry, rx)``, positive integers (a config's list
+    becomes a tuple)."""
+    pair = (r, r) if isinstance(r, int) else tuple(r)
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair):
+        raise ValueError(f'stage {stage}: a key stride is a positive int or a pair (ry, rx) of them, got {r!r}')
+    return r if isinstance(r, int) else pair
 
 
 class DATBlock(nn.Module):

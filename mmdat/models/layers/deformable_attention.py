@@ -1,5 +1,5 @@
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,10 @@ def deformable_attention_impl(impl: str) -> Iterator[None]:
         _impl_override = previous
 
 
+def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
 def _axis_grid(n: int, centered: bool, flavor: str, device, dtype) -> torch.Tensor:
     """Normalised coordinates in [-1, 1] of ``n`` positions along one axis.
 
@@ -54,12 +58,14 @@ def _grid(h: int, w: int, centered: bool, flavor: str, device, dtype) -> torch.T
 class OffsetNetwork(nn.Module):
     """Predicts ``(dy, dx)`` on the key grid from one group's query channels.
 
-    Depth-wise conv (kernel ``k``, stride ``r``) + LayerNorm + GELU + 1x1 conv to 2 channels.
+    Depth-wise conv (kernel ``k``, stride ``r`` or ``(ry, rx)``) + LayerNorm + GELU + 1x1 conv
+    to 2 channels.
     """
 
-    def __init__(self, channels: int, kernel_size: int, stride: int, flavor: str):
+    def __init__(self, channels: int, kernel_size: int, stride: Union[int, Tuple[int, int]], flavor: str):
         super().__init__()
-        padding = 0 if (flavor == 'pp' and kernel_size == stride) else kernel_size // 2
+        stride = _pair(stride)
+        padding = tuple(0 if (flavor == 'pp' and kernel_size == r) else kernel_size // 2 for r in stride)
         self.dwconv = nn.Conv2d(channels, channels, kernel_size, stride, padding, groups=channels)
         self.norm = LayerNorm2d(channels)
         self.act = nn.GELU()
@@ -79,7 +85,7 @@ class DeformableAttention(nn.Module):
         embed_dims: Channels ``C`` of the input and output.
         num_heads: Attention heads ``M``.
         groups: Offset groups ``G``; ``M`` and ``C`` must be multiples of it.
-        key_stride: Stride ``r`` of the key grid relative to the query map.
+        key_stride: Stride ``r`` of the key grid relative to the query map, or ``(ry, rx)``.
         offset_kernel_size: Kernel of the offset network's depth-wise conv.
         offset_range_factor: Bound ``s`` on offsets in key-grid cells (v1: applied when
             ``s > 0``; ++: when ``s >= 0``; otherwise offsets are unbounded and positions are
@@ -99,7 +105,8 @@ class DeformableAttention(nn.Module):
             ``deformable_attention_impl`` overrides it for every module.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, groups: int, key_stride: int = 1,
+    def __init__(self, embed_dims: int, num_heads: int, groups: int,
+                 key_stride: Union[int, Tuple[int, int]] = 1,
                  offset_kernel_size: int = 3, offset_range_factor: float = -1,
                  table_size: Optional[Tuple[int, int]] = None, flavor: str = 'pp',
                  attn_drop: float = 0., proj_drop: float = 0., attn_impl: str = 'fast'):
