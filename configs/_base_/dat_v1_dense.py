@@ -30,9 +30,11 @@ v1_dense_key_strides = (1, 1, 2, 1)
 # 105G on both. The gap is the cost of twice the stage-3 keys: the ADE20K configs sample
 # stage 3 on a grid of stride 1 along the rows and 2 along the columns, (ry, rx) = (1, 2)
 # (32x64 keys for the 32x128 stage-3 map of a 512x2048 image; 32x16 on 512x512 crops).
-# Measured, paper in brackets:
-#   key strides        FPN T / S / B                     UperNet T / S / B
-#   (1, 1, 2, 1)       193.0 / 298.4 / 447.3 (-2.5 / -6.7 / -7.0%)   952.3 / 1057.7 / 1208.6
-#   (1, 1, (1, 2), 1)  see configs/README.md (all within 5%)  <- chosen
+# Measured at 512x2048 (paper: FPN 198 / 320 / 481G, UperNet 957 / 1079 / 1212G):
+#   key strides        FPN T / S / B                      UperNet T / S / B
+#   (1, 1, 2, 1)       193.0 / 298.4 / 447.3G             952.3 / 1057.7 / 1208.6G
+#                      (-2.5 / -6.7 / -7.0%)              (-0.5 / -2.0 / -0.3%)
+#   (1, 1, (1, 2), 1)  204.3 / 332.1 / 493.4G             963.5 / 1091.3 / 1254.7G   <- chosen
+#                      (+3.2 / +3.8 / +2.6%)              (+0.7 / +1.1 / +3.5%)
 # An isotropic grid cannot do it: r3 = 1 adds about 95G to DAT-S (+30% for FPN).
 v1_ade_key_strides = (1, 1, (1, 2), 1)
