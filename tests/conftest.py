@@ -6,6 +6,15 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_FIXTURES = osp.normpath(osp.join(REPO, '..', 'shared', 'fixtures', 'official'))
+DET_CFG = osp.join(REPO, 'configs', 'demo', 'mask_rcnn_dat_demo.py')
+SEG_CFG = osp.join(REPO, 'configs', 'demo', 'upernet_dat_demo.py')
+
+
+def subprocess_env():
+    """Environment of the tools run as subprocesses: the repo importable, one thread per
+    process (the trainings run side by side on few cores)."""
+    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
+                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
 
 # Small architectures (those of the parity fixtures) that keep tests fast.
 NANO_V1 = dict(preset='v1-tiny', embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), groups=(0, 0, 2, 4),

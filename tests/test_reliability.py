@@ -30,17 +30,10 @@ import pytest
 import torch
 
 import mmdat  # noqa: F401
-from conftest import NANO_PP, REPO
+from conftest import DET_CFG, NANO_PP, REPO, SEG_CFG, subprocess_env as _env
 from mmdat.models.backbones.dat import DAT
 
 PY = sys.executable
-DET_CFG = osp.join(REPO, 'configs', 'demo', 'mask_rcnn_dat_demo.py')
-SEG_CFG = osp.join(REPO, 'configs', 'demo', 'upernet_dat_demo.py')
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
-                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -21,16 +21,9 @@ import sys
 import pytest
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import DET_CFG, REPO, SEG_CFG, subprocess_env as _env
+
 PY = sys.executable
-DET_CFG = osp.join(REPO, 'configs', 'demo', 'mask_rcnn_dat_demo.py')
-SEG_CFG = osp.join(REPO, 'configs', 'demo', 'upernet_dat_demo.py')
-
-
-def _env():
-    # One thread per process: the trainings run side by side on few cores.
-    return dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
-                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
 
 
 def _run(cmd, cwd, timeout=300):

@@ -18,7 +18,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from mmdat.utils.launch import resolve_default_scope, setup_cpu_distributed  # noqa: E402
+from mmdat.utils.launch import load_config, resolve_default_scope, setup_cpu_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,14 +59,7 @@ def _enable_drawing(cfg: Config, scope: str, show_dir: str) -> None:
 
 
 def build_config(args) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = args.checkpoint
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:

@@ -1,5 +1,6 @@
 """Run-time set-up shared by ``tools/train.py`` and ``tools/test.py``.
 
+* :func:`load_config`: the config with ``--cfg-options`` merged and its work dir set.
 * :func:`resolve_default_scope`: which OpenMMLab library a config belongs to (``mmdet``,
   ``mmseg`` or ``mmpretrain``), from its ``default_scope`` or, failing that, from where its
   model type is registered.
@@ -12,6 +13,7 @@
 import datetime
 import importlib
 import os
+import os.path as osp
 import subprocess
 from typing import Optional
 
@@ -20,6 +22,20 @@ import torch.distributed as torch_dist
 from mmengine.config import Config
 
 KNOWN_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
+
+
+def load_config(path: str, launcher: str, cfg_options: Optional[dict], work_dir: Optional[str]) -> Config:
+    """The config at ``path`` with ``cfg_options`` merged; work dir: ``work_dir`` > the
+    config's > ``./work_dirs/<config name>``."""
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
 
 
 def resolve_default_scope(cfg: Config) -> Optional[str]:

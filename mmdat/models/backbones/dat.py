@@ -14,7 +14,7 @@ from torch.nn.init import trunc_normal_
 
 from ..layers import (ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
                       WindowAttention)
-from ..layers.deformable_attention import FLAVORS
+from ..layers.deformable_attention import FLAVORS, _pair
 
 SPEC_LETTERS = {
     'L': 'window attention',
@@ -119,7 +119,7 @@ def resolve_arch(arch: Union[str, dict]) -> dict:
 def _key_stride(r, stage: int) -> Union[int, Tuple[int, int]]:
     """A stage's key stride: ``r`` or ``(ry, rx)``, positive integers (a config's list
     becomes a tuple)."""
-    pair = (r, r) if isinstance(r, int) else tuple(r)
+    pair = _pair(r)
     if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair):
         raise ValueError(f'stage {stage}: a key stride is a positive int or a pair (ry, rx) of them, got {r!r}')
     return r if isinstance(r, int) else pair
