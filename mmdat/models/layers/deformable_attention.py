@@ -191,15 +191,16 @@ class DeformableAttention(nn.Module):
             qx = _axis_grid(W, False, self.flavor, x.device, pos.dtype)
             out = ops.deformable_attention((q * self.scale).reshape(B * M, self.head_dims, H, W), k, v,
                                            pos.reshape(B * G, Ns, 2), self.relative_position_table, qy, qx, G)
-            return self.proj_drop(self.proj(out.reshape(B, C, H, W)))
-        q = q.reshape(B * M, self.head_dims, H * W)
-
-        attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
-        if self.relative_position_table is not None:
-            attn = attn + self.position_bias(pos, H, W)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
-        return self.proj_drop(self.proj(out))
+            out = out.reshape(B, C, H, W)
+        else:
+            q = q.reshape(B * M, self.head_dims, H * W)
+            attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
+            if self.relative_position_table is not None:
+                attn = attn + self.position_bias(pos, H, W)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
+        # a 1x1 conv on a channels-last map runs several times faster on CPU than on NCHW
+        return self.proj_drop(self.proj(out.contiguous(memory_format=torch.channels_last)))
 
     def _use_fast_path(self) -> bool:
         impl = _impl_override or self.attn_impl

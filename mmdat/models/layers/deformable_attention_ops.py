@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 import torch
 
 #: Most logits per tile, by device type (overridable per call): bounds the two tile buffers.
-DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 24, 'cuda': 1 << 24}
+DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 24}
 #: Default tiles: about this many per call (fewer, larger parallel ops stand up better to a
 #: busy CPU), but not smaller than MIN_TILE_ELEMENTS logits nor larger than the bound above.
 TILES_PER_CALL, MIN_TILE_ELEMENTS = 8, 1 << 22

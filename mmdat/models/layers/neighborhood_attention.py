@@ -123,7 +123,7 @@ class _Tiling:
 #: Logits per step of rows of tiles: at least about the first and at most the second (when
 #: one row of tiles allows), in about STEPS_PER_CALL steps: fewer, larger parallel ops stand
 #: up better to a busy CPU, while the bound keeps the buffers small.
-STEP_LOGITS, STEPS_PER_CALL = (1 << 21, 1 << 23), 8
+STEP_LOGITS, STEPS_PER_CALL = (1 << 19, 1 << 21), 8
 
 
 #: Logits are floored at max - 80 before exp, which keeps exp off its very slow path for
@@ -291,7 +291,7 @@ def _scatter_step(tiles: torch.Tensor, into: torch.Tensor, step: range, tl: _Til
 
 
 def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
-                                 kernel_size: int, tile: int = 8) -> torch.Tensor:
+                                 kernel_size: int, tile: int = 6) -> torch.Tensor:
     """Memory-lean 2D neighborhood attention, same function as ``neighborhood_attention``.
 
     Args as ``neighborhood_attention`` (no attention dropout), plus ``tile``: side of the
