@@ -15,12 +15,15 @@ from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis
                                                       deformable_attention_impl)
 from mmdat.models.layers import neighborhood_attention as na_module
 from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, neighborhood_attention,
+                                                        neighborhood_attention_native,
                                                         neighborhood_attention_tiled)
 
 from conftest import NANO_PP, NANO_V1, fixtures_dir
 
 
 NATIVE = ops.native_library() is not None
+NATIVE_NA = na_module.native_library() is not None
+needs_native_na = pytest.mark.skipif(not NATIVE_NA, reason='no C compiler')
 BIAS_IMPLS = [pytest.param(True, id='native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
               pytest.param(False, id='torch-bias')]
 
@@ -311,6 +314,70 @@ def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, mo
         torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
 
 
+def _native_na(q, k, v, table, kernel, scale=1.0):
+    """``neighborhood_attention_native`` with the arguments of ``neighborhood_attention``."""
+    B, nh, H, W, d = q.shape
+    qkv = torch.stack([q, k, v]).permute(1, 3, 4, 0, 2, 5).reshape(B, H, W, 3 * nh * d)
+    out = neighborhood_attention_native(qkv, table, nh, kernel, scale)
+    return out.reshape(B, H, W, nh, d).permute(0, 3, 1, 2, 4)
+
+
+@needs_native_na
+@pytest.mark.parametrize("size,kernel", [((7, 7), 7), ((9, 13), 3), ((16, 11), 7), ((40, 9), 7), ((31, 8), 5),
+                                         ((3, 4), 1)])
+@pytest.mark.parametrize('threads', [1, 3])
+def test_neighborhood_native_matches_gather_float64(size, kernel, threads):
+    """The C kernels; tall maps run the backward in several blocks of rows per parity, and
+    more threads than cores share the dk / dv / table accumulation."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double).requires_grad_() for _ in range(3))
+    table = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen, dtype=torch.double).requires_grad_()
+    gout = torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double)
+    ref = neighborhood_attention(q * 0.7, k, v, table, kernel)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = _native_na(q, k, v, table, kernel, 0.7)
+        grads = torch.autograd.grad((fast * gout).sum(), (q, k, v, table))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad((ref * gout).sum(), (q, k, v, table)), grads):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+
+
+@needs_native_na
+def test_neighborhood_native_float32_and_errors():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 30, 32, generator=gen) for _ in range(3))
+    table = torch.randn(2, 13, 13, generator=gen)
+    ref = neighborhood_attention(q.double(), k.double(), v.double(), table.double(), 7)
+    out = _native_na(q, k, v, table, 7)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='at least the kernel size 7, got 6x30'):
+        _native_na(q[:, :, :6], k[:, :, :6], v[:, :, :6], table, 7)
+
+
+@needs_native_na
+def test_neighborhood_module_runs_the_c_kernels_on_cpu_unless_disabled(monkeypatch):
+    calls = []
+    for name in ('neighborhood_attention_native', 'neighborhood_attention_tiled'):
+        real = getattr(na_module, name)
+        monkeypatch.setattr(na_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    module = _perturbed(NeighborhoodAttention(16, 2, 7, use_natten=False))
+    x = torch.randn(1, 16, 9, 9)
+    native = module(x)
+    monkeypatch.setenv('MMDAT_NATIVE_OPS', '0')
+    na_module.native_library.cache_clear()
+    try:
+        tiled = module(x)
+    finally:
+        na_module.native_library.cache_clear()
+    assert calls == ['neighborhood_attention_native', 'neighborhood_attention_tiled']
+    torch.testing.assert_close(native, tiled, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('size', [(12, 17), (5, 6)])
 def test_neighborhood_module_paths_agree(size):
     module = _perturbed(NeighborhoodAttention(16, 2, 7, use_natten=False).double()).train()
@@ -359,6 +426,9 @@ def test_half_precision_inputs_run_in_float32():
     torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0.05)
     qn, kn, vn = (torch.randn(1, 2, 9, 10, 4, generator=gen) for _ in range(3))
     tn = torch.randn(2, 13, 13, generator=gen)
-    na = neighborhood_attention_tiled(qn.bfloat16(), kn.bfloat16(), vn.bfloat16(), tn.bfloat16(), 7)
-    assert na.dtype == torch.bfloat16
-    torch.testing.assert_close(na.float(), neighborhood_attention(qn, kn, vn, tn, 7), atol=0.05, rtol=0.05)
+    for na in (neighborhood_attention_tiled, _native_na if NATIVE_NA else None):
+        if na is None:
+            continue
+        out = na(qn.bfloat16(), kn.bfloat16(), vn.bfloat16(), tn.bfloat16(), 7)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), neighborhood_attention(qn, kn, vn, tn, 7), atol=0.05, rtol=0.05)

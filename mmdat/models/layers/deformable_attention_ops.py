@@ -20,10 +20,9 @@ displacement grid itself. This module computes the same function tile by tile:
   The backward pass sums the bias gradient back into ``R``-sized buffers per key and row
   and derives the table and position gradients from them.
 
-Two implementations of the bias, same numbers: on CPU a small C kernel (OpenMP, compiled
-on first use with the system's C compiler into ``~/.cache/mmdat``, loaded with ctypes,
-about a second; ``MMDAT_NATIVE_OPS=0`` disables it), otherwise (CUDA, no compiler) PyTorch
-gathers and scatters.
+Two implementations of the bias, same numbers: on CPU a small C kernel (see :mod:`.native`:
+compiled on first use; ``MMDAT_NATIVE_OPS=0`` disables it), otherwise (CUDA, no compiler)
+PyTorch gathers and scatters.
 
 Semantics are those of ``F.grid_sample(table, (q - p) / 2, mode='bilinear',
 padding_mode='zeros', align_corners=True)``: table cells outside the table are zero at any
@@ -32,18 +31,12 @@ Everything runs in float32 or float64 (inputs are cast to float32 under autocast
 """
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import os.path as osp
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from typing import Optional, Tuple
 
 import torch
+
+from . import native
 
 #: Most logits per tile, by device type (overridable per call): bounds the two tile buffers.
 DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 24}
@@ -189,23 +182,8 @@ class _TorchBias:
 
 # ----------------------------------------------------------------------------- native (CPU)
 
-_C_HEADER = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_thread_num(void) { return 0; }
-#endif
-"""
-
 #: One tile of the bias, forward and backward; included once per scalar type.
 _C_KERNELS = r"""
-#define CAT2(a, b) a##_##b
-#define CAT(a, b) CAT2(a, b)
-#define NAME(f) CAT(f, SUFFIX)
-
 static inline scalar_t NAME(cell)(const scalar_t *t, int Th, int Tw, int y, int x) {
     return (y >= 0 && y < Th && x >= 0 && x < Tw) ? t[(int64_t)y * Tw + x] : (scalar_t)0;
 }
@@ -314,77 +292,11 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
 }
 """
 
-#: Compiler flags to try, best first.
-_C_FLAGS = (('-O3', '-march=native', '-fopenmp'), ('-O3', '-fopenmp'), ('-O3',))
-
-
-def _c_source() -> str:
-    parts = [_C_HEADER]
-    for scalar, suffix in (('float', 'f32'), ('double', 'f64')):
-        parts += [f'#define scalar_t {scalar}\n#define SUFFIX {suffix}\n', _C_KERNELS,
-                  '#undef scalar_t\n#undef SUFFIX\n#undef CAT2\n#undef CAT\n#undef NAME\n']
-    return '\n'.join(parts)
-
-
-def _cpu_fingerprint() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
-    except OSError:
-        return ''
-
-
 @functools.lru_cache(maxsize=1)
 def native_library() -> Optional[ctypes.CDLL]:
-    """The compiled bias kernels, or ``None`` (disabled, no C compiler, build failed).
-
-    Built once per source, compiler and CPU into ``$MMDAT_CACHE_DIR`` (default
-    ``~/.cache/mmdat``); ``MMDAT_NATIVE_OPS=0`` disables them.
-    """
-    if os.environ.get('MMDAT_NATIVE_OPS', '1') == '0':
-        return None
-    try:
-        return _load_native()
-    except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
-        warnings.warn(f'mmdat: native deformable-attention bias kernels unavailable ({e}); '
-                      'using the PyTorch implementation')
-        return None
-
-
-def _load_native() -> ctypes.CDLL:
-    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
-    if cc is None:
-        raise RuntimeError('no C compiler found')
-    source = _c_source()
-    key = hashlib.sha256('\0'.join([source, cc, platform.machine(), _cpu_fingerprint()]).encode()).hexdigest()[:16]
-    cache = os.environ.get('MMDAT_CACHE_DIR') or osp.join(
-        os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'mmdat')
-    path = osp.join(cache, f'deformable_attention_bias_{key}.so')
-    if not osp.isfile(path):
-        os.makedirs(cache, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = osp.join(tmp, 'bias.c')
-            with open(src, 'w') as f:
-                f.write(source)
-            errors = []
-            for flags in _C_FLAGS:
-                out = osp.join(tmp, 'bias.so')
-                proc = subprocess.run([cc, *flags, '-fPIC', '-shared', src, '-o', out], capture_output=True,
-                                      text=True, timeout=300)
-                if proc.returncode == 0:
-                    os.replace(out, path)  # atomic: concurrent builds are harmless
-                    break
-                errors.append(proc.stderr.strip().splitlines()[-1:] or [f'exit {proc.returncode}'])
-            else:
-                raise RuntimeError(f'{cc} failed: {errors}')
-    lib = ctypes.CDLL(path)
-    ints = [ctypes.c_int] * 12
-    for suffix in ('f32', 'f64'):
-        getattr(lib, f'bias_forward_{suffix}').argtypes = [ctypes.c_void_p] * 6 + ints
-        getattr(lib, f'bias_backward_{suffix}').argtypes = [ctypes.c_void_p] * 8 + ints
-        getattr(lib, f'bias_forward_{suffix}').restype = None
-        getattr(lib, f'bias_backward_{suffix}').restype = None
-    return lib
+    """The compiled bias kernels, or ``None`` (see :mod:`.native`)."""
+    return native.load('deformable_attention_bias', _C_KERNELS,
+                       {'bias_forward': (6, 12), 'bias_backward': (8, 12)})
 
 
 class _NativeBias:

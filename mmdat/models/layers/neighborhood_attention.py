@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
+from . import native
+
 
 @functools.lru_cache(maxsize=64)
 def _neighborhood(height: int, width: int, kernel_size: int, device: torch.device):
@@ -308,6 +310,213 @@ def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                                 kernel_size, tile)
 
 
+# ----------------------------------------------------------------------------- native (CPU)
+
+#: NA2D forward and backward, one query at a time (its k*k logits in a small buffer; no
+#: tiles, no masks), reading q, k and v where the qkv projection wrote them:
+#: qkv (B, H, W, 3, heads, d) and out (B, H, W, heads, d), both position-major as the
+#: Linear layers around the attention want them; rpb (heads, 2k-1, 2k-1); lse
+#: (B, heads, H, W). The backward recomputes the logits from lse and writes dqkv.
+_C_KERNELS = r"""
+/* scaled logits s[k*k] of one query and their maximum; the window starts at (sy, sx) */
+static inline scalar_t NAME(logits)(const scalar_t *qi, const scalar_t *kb, const scalar_t *bt, scalar_t *s,
+                                    scalar_t scale, int y, int x, int sy, int sx, int W, int ts, int d, int K) {
+    int S = 2 * K - 1;
+    scalar_t mx = -INFINITY;
+    for (int a = 0; a < K; a++) {
+        const scalar_t *krow = kb + ((int64_t)(sy + a) * W + sx) * ts;
+        const scalar_t *brow = bt + (sy + a - y + K - 1) * S + (sx - x + K - 1);
+        for (int b = 0; b < K; b++) {
+            const scalar_t *kj = krow + (int64_t)b * ts;
+            scalar_t acc = 0;
+#pragma omp simd reduction(+:acc)
+            for (int c = 0; c < d; c++) acc += qi[c] * kj[c];
+            acc = acc * scale + brow[b];
+            s[a * K + b] = acc;
+            mx = acc > mx ? acc : mx;
+        }
+    }
+    return mx;
+}
+
+void NAME(na_forward)(const scalar_t *qkv, const scalar_t *rpb, scalar_t *out, scalar_t *lse, scalar_t *scale_,
+                      int B, int heads, int H, int W, int d, int K, int nthreads) {
+    int S = 2 * K - 1, KK = K * K, C = heads * d, ts = 3 * C;
+    scalar_t scale = *scale_;
+#pragma omp parallel num_threads(nthreads)
+    {
+        scalar_t *s = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)KK);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < (int64_t)B * heads * H; r++) {
+            int b = (int)(r / ((int64_t)heads * H)), h = (int)(r / H % heads), y = (int)(r % H);
+            int sy = clamp_int(y - K / 2, 0, H - K);
+            const scalar_t *qb = qkv + (int64_t)b * H * W * ts + h * d, *kb = qb + C, *vb = qb + 2 * C;
+            const scalar_t *bt = rpb + (int64_t)h * S * S;
+            for (int x = 0; x < W; x++) {
+                int sx = clamp_int(x - K / 2, 0, W - K);
+                int64_t p = (int64_t)y * W + x;
+                scalar_t mx = NAME(logits)(qb + p * ts, kb, bt, s, scale, y, x, sy, sx, W, ts, d, K);
+                scalar_t sum = 0;
+                for (int j = 0; j < KK; j++) {
+                    s[j] = EXP(s[j] - mx);
+                    sum += s[j];
+                }
+                scalar_t *o = out + ((int64_t)b * H * W + p) * C + h * d, inv = 1 / sum;
+                for (int c = 0; c < d; c++) o[c] = 0;
+                for (int a = 0; a < K; a++) {
+                    const scalar_t *vrow = vb + ((int64_t)(sy + a) * W + sx) * ts;
+                    for (int j = 0; j < K; j++) {
+                        scalar_t w = s[a * K + j] * inv;
+                        const scalar_t *vj = vrow + (int64_t)j * ts;
+#pragma omp simd
+                        for (int c = 0; c < d; c++) o[c] += w * vj[c];
+                    }
+                }
+                lse[r * W + x] = mx + LOG(sum);
+            }
+        }
+        free(s);
+    }
+}
+
+/* dqkv must be zero; drpb: (nthreads, heads, 2k-1, 2k-1) zeros, one accumulator per thread.
+   Blocks of 2k-2 rows: the keys of blocks two apart are disjoint, so blocks of one parity
+   run in parallel without races on dk and dv. */
+void NAME(na_backward)(const scalar_t *qkv, const scalar_t *rpb, const scalar_t *out, const scalar_t *lse,
+                       const scalar_t *dout, scalar_t *dqkv, scalar_t *drpb, scalar_t *scale_,
+                       int B, int heads, int H, int W, int d, int K, int nthreads) {
+    int S = 2 * K - 1, KK = K * K, C = heads * d, ts = 3 * C, rows = 2 * K - 2 > 1 ? 2 * K - 2 : 1;
+    int blocks = (H + rows - 1) / rows;
+    scalar_t scale = *scale_;
+#pragma omp parallel num_threads(nthreads)
+    {
+        scalar_t *s = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)KK);
+        scalar_t *dt = drpb + (int64_t)omp_get_thread_num() * heads * S * S;
+        for (int parity = 0; parity < 2; parity++) {
+            int nb = (blocks - parity + 1) / 2;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < (int64_t)B * heads * nb; item++) {
+                int bh = (int)(item / nb), blk = 2 * (int)(item % nb) + parity, b = bh / heads, h = bh % heads;
+                int64_t base = (int64_t)b * H * W * ts + h * d;
+                const scalar_t *qb = qkv + base, *kb = qb + C, *vb = qb + 2 * C;
+                scalar_t *dqb = dqkv + base, *dkb = dqb + C, *dvb = dqb + 2 * C;
+                const scalar_t *bt = rpb + (int64_t)h * S * S;
+                scalar_t *dbt = dt + (int64_t)h * S * S;
+                int y1 = (blk + 1) * rows < H ? (blk + 1) * rows : H;
+                for (int y = blk * rows; y < y1; y++) {
+                    int sy = clamp_int(y - K / 2, 0, H - K);
+                    for (int x = 0; x < W; x++) {
+                        int sx = clamp_int(x - K / 2, 0, W - K);
+                        int64_t p = (int64_t)y * W + x, o = ((int64_t)b * H * W + p) * C + h * d;
+                        const scalar_t *qi = qb + p * ts, *gi = dout + o, *oi = out + o;
+                        scalar_t l = lse[((int64_t)bh * H + y) * W + x];
+                        NAME(logits)(qi, kb, bt, s, scale, y, x, sy, sx, W, ts, d, K);
+                        scalar_t D = 0;
+#pragma omp simd reduction(+:D)
+                        for (int c = 0; c < d; c++) D += gi[c] * oi[c];
+                        scalar_t *dqi = dqb + p * ts;
+                        for (int a = 0; a < K; a++) {
+                            int64_t row = ((int64_t)(sy + a) * W + sx) * ts;
+                            scalar_t *dbrow = dbt + (sy + a - y + K - 1) * S + (sx - x + K - 1);
+                            for (int j = 0; j < K; j++) {
+                                int64_t kj = row + (int64_t)j * ts;
+                                scalar_t w = EXP(s[a * K + j] - l), dw = 0;
+#pragma omp simd reduction(+:dw)
+                                for (int c = 0; c < d; c++) dw += gi[c] * vb[kj + c];
+                                scalar_t ds = w * (dw - D), dss = ds * scale;
+                                dbrow[j] += ds;
+#pragma omp simd
+                                for (int c = 0; c < d; c++) {
+                                    dqi[c] += dss * kb[kj + c];
+                                    dkb[kj + c] += dss * qi[c];
+                                    dvb[kj + c] += w * gi[c];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        free(s);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def native_library():
+    """The compiled NA2D kernels, or ``None`` (see :mod:`.native`)."""
+    return native.load('neighborhood_attention', _C_KERNELS, {'na_forward': (5, 7), 'na_backward': (8, 7)})
+
+
+class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
+    """NA2D with relative position bias by the C kernels (CPU, float32 / float64)."""
+
+    @staticmethod
+    def forward(ctx, qkv, table, num_heads, kernel_size, scale):
+        B, H, W, C3 = qkv.shape
+        d = C3 // (3 * num_heads)
+        out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
+        scale_ = qkv.new_tensor([scale])
+        getattr(native_library(), 'na_forward' + _suffix(qkv))(
+            *_ptrs(qkv, table, out, lse, scale_), B, num_heads, H, W, d, kernel_size, torch.get_num_threads())
+        ctx.save_for_backward(qkv, table, out, lse, scale_)
+        ctx.args = (num_heads, kernel_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, table, out, lse, scale_ = ctx.saved_tensors
+        num_heads, kernel_size = ctx.args
+        B, H, W, C3 = qkv.shape
+        threads = torch.get_num_threads()
+        dqkv, dtable = torch.zeros_like(qkv), table.new_zeros(threads, *table.shape)
+        getattr(native_library(), 'na_backward' + _suffix(qkv))(
+            *_ptrs(qkv, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dtable, scale_),
+            B, num_heads, H, W, C3 // (3 * num_heads), kernel_size, threads)
+        return dqkv, dtable.sum(0), None, None, None
+
+
+def _suffix(x: torch.Tensor) -> str:
+    return '_f32' if x.dtype == torch.float32 else '_f64'
+
+
+def _ptrs(*tensors):
+    return [t.data_ptr() for t in tensors]
+
+
+def native_usable(x: torch.Tensor) -> bool:
+    """Whether the C kernels can run on ``x``'s device (CPU) here."""
+    return x.device.type == 'cpu' and native_library() is not None
+
+
+def neighborhood_attention_native(qkv: torch.Tensor, bias_table: torch.Tensor, num_heads: int, kernel_size: int,
+                                  scale: float) -> torch.Tensor:
+    """2D neighborhood attention by the C kernels, on the qkv projection's output as it is.
+
+    Args:
+        qkv: ``B x H x W x (3 * heads * d)``: q, k, v, each ``heads x d``, per position;
+            ``H, W >= kernel_size``.
+        bias_table: ``heads x (2k-1) x (2k-1)`` relative position bias.
+        num_heads: Heads.
+        kernel_size: Side ``k`` of the neighborhood.
+        scale: Factor of the ``q . k`` products.
+    Returns:
+        ``B x H x W x (heads * d)``, as ``neighborhood_attention`` on ``q * scale, k, v``.
+        Needs ``native_usable(qkv)``; runs in float32 under autocast.
+    """
+    H, W = qkv.shape[1:3]
+    if min(H, W) < kernel_size:
+        raise ValueError(f'neighborhood attention needs maps of at least the kernel size {kernel_size}, got {H}x{W}')
+    autocast = torch.is_autocast_enabled('cpu')
+    if autocast or {qkv.dtype, bias_table.dtype} not in ({torch.float32}, {torch.float64}):
+        with torch.autocast('cpu', enabled=False):
+            out = neighborhood_attention_native(qkv.float(), bias_table.float(), num_heads, kernel_size, scale)
+        return out if autocast else out.to(qkv.dtype)
+    return _NativeNeighborhoodAttentionFunction.apply(qkv.contiguous(), bias_table.contiguous(), num_heads,
+                                                      kernel_size, scale)
+
+
 @functools.lru_cache(maxsize=1)
 def _natten_functions() -> Optional[tuple]:
     """NATTEN's unfused QK/AV ops (``q``/``k`` as ``B x heads x H x W x d``), if installed."""
@@ -328,8 +537,9 @@ class NeighborhoodAttention(nn.Module):
     """Neighborhood attention (spec letter ``N``), NATTEN's NA2D with relative position bias.
 
     Uses NATTEN when it is installed and agrees with the pure-PyTorch path on a probe input
-    (checked once per process); otherwise the pure-PyTorch path: by default
-    ``neighborhood_attention_tiled`` (halo tiles, memory-lean), or the gather of every
+    (checked once per process); otherwise, by default, ``neighborhood_attention_native`` on CPU
+    (C kernels, see :mod:`.native`) and ``neighborhood_attention_tiled`` elsewhere (halo tiles,
+    memory-lean, pure PyTorch), or the gather of every
     query's ``k x k`` keys (``neighborhood_attention``) with ``attn_impl='reference'``, while
     jit-tracing (so that FLOP counters see the same ops) and when attention dropout is active.
     Maps smaller than the kernel are zero-padded at the bottom and right to the kernel size
@@ -342,7 +552,7 @@ class NeighborhoodAttention(nn.Module):
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
         use_natten: ``None`` uses NATTEN when it is usable; ``False`` never does.
-        attn_impl: Pure-PyTorch path, ``'fast'`` or ``'reference'`` (also an attribute).
+        attn_impl: Path without NATTEN, ``'fast'`` or ``'reference'`` (also an attribute).
     """
 
     def __init__(self, embed_dims: int, num_heads: int, kernel_size: int = 7,
@@ -364,27 +574,38 @@ class NeighborhoodAttention(nn.Module):
             torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _attend(self, q, k, v) -> torch.Tensor:
-        natten = _usable_natten(self.kernel_size) if self.use_natten is not False else None
-        if natten is None:
-            fast = self.attn_impl == 'fast' and not (torch.jit.is_tracing() or torch.jit.is_scripting()) \
-                and not (self.training and self.attn_drop.p > 0)
-            if fast:
-                return neighborhood_attention_tiled(q, k, v, self.relative_position_bias_table, self.kernel_size)
-            return neighborhood_attention(q, k, v, self.relative_position_bias_table, self.kernel_size,
-                                          self.attn_drop)
-        qk, av = natten
-        attn = qk(q, k, self.relative_position_bias_table, self.kernel_size, 1).softmax(dim=-1)
-        return av(self.attn_drop(attn), v, self.kernel_size, 1)
+    def _path(self) -> str:
+        """``'natten'``, ``'native'``, ``'tiled'`` or ``'reference'`` (see the class docstring)."""
+        if self.use_natten is not False and _usable_natten(self.kernel_size) is not None:
+            return 'natten'
+        if self.attn_impl != 'fast' or torch.jit.is_tracing() or torch.jit.is_scripting() \
+                or (self.training and self.attn_drop.p > 0):
+            return 'reference'
+        return 'native' if native_usable(self.qkv.weight) else 'tiled'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        ks = self.kernel_size
-        x = F.pad(x, (0, max(0, ks - W), 0, max(0, ks - H))).permute(0, 2, 3, 1)
+        ks, nh, table = self.kernel_size, self.num_heads, self.relative_position_bias_table
+        if H < ks or W < ks:
+            x = F.pad(x, (0, max(0, ks - W), 0, max(0, ks - H)))
+        x = x.permute(0, 2, 3, 1)
         Hp, Wp = x.shape[1:3]
-        qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, C // self.num_heads).permute(3, 0, 4, 1, 2, 5)
-        out = self._attend(qkv[0] * self.scale, qkv[1], qkv[2])
-        out = self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)))
+        qkv = self.qkv(x)
+        path = self._path()
+        if path == 'native':
+            out = neighborhood_attention_native(qkv, table, nh, ks, self.scale)
+        else:
+            q, k, v = qkv.reshape(B, Hp, Wp, 3, nh, C // nh).permute(3, 0, 4, 1, 2, 5)
+            q = q * self.scale
+            if path == 'natten':
+                qk, av = _usable_natten(ks)
+                out = av(self.attn_drop(qk(q, k, table, ks, 1).softmax(dim=-1)), v, ks, 1)
+            elif path == 'tiled':
+                out = neighborhood_attention_tiled(q, k, v, table, ks)
+            else:
+                out = neighborhood_attention(q, k, v, table, ks, self.attn_drop)
+            out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)
+        out = self.proj_drop(self.proj(out))
         return out.permute(0, 3, 1, 2)[:, :, :H, :W]
 
     def extra_repr(self) -> str:

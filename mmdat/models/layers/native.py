@@ -1,0 +1,110 @@
+"""CPU kernels in C, compiled on first use and loaded with ctypes.
+
+Each kernel source is written once over ``scalar_t`` and compiled for ``float`` (suffix
+``_f32``) and ``double`` (``_f64``); ``EXP`` and ``LOG`` are the matching libm functions. A
+library is built once per source, compiler and CPU with the system's C compiler (OpenMP when
+available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``).
+``MMDAT_NATIVE_OPS=0`` disables every kernel; callers then use their PyTorch paths.
+"""
+import ctypes
+import hashlib
+import os
+import os.path as osp
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from typing import Dict, Optional, Tuple
+
+_HEADER = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define NAME(f) CAT(f, SUFFIX)
+static inline int clamp_int(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
+"""
+
+_TYPES = (('float', 'f32', 'expf', 'logf'), ('double', 'f64', 'exp', 'log'))
+
+#: Compiler flags to try, best first.
+_FLAGS = (('-O3', '-march=native', '-fopenmp'), ('-O3', '-fopenmp'), ('-O3',))
+
+
+def enabled() -> bool:
+    return os.environ.get('MMDAT_NATIVE_OPS', '1') != '0'
+
+
+def _source(kernels: str) -> str:
+    parts = [_HEADER]
+    for scalar, suffix, exp, log in _TYPES:
+        parts += [f'#define scalar_t {scalar}\n#define SUFFIX {suffix}\n#define EXP {exp}\n#define LOG {log}\n',
+                  kernels, '#undef scalar_t\n#undef SUFFIX\n#undef EXP\n#undef LOG\n']
+    return '\n'.join(parts)
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        return ''
+
+
+def load(name: str, kernels: str, signatures: Dict[str, Tuple[int, int]]) -> Optional[ctypes.CDLL]:
+    """The compiled ``kernels``, or ``None`` (disabled, no C compiler, build failed: warns).
+
+    Args:
+        name: Stem of the library's file name.
+        kernels: C source over ``scalar_t`` (see the module docstring).
+        signatures: ``function -> (pointer arguments, int arguments)``, pointers first; each
+            function exists with the suffixes ``_f32`` and ``_f64``.
+    """
+    if not enabled():
+        return None
+    try:
+        lib = ctypes.CDLL(_build(name, _source(kernels)))
+    except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
+        warnings.warn(f'mmdat: native {name} kernels unavailable ({e}); using the PyTorch implementation')
+        return None
+    for function, (pointers, ints) in signatures.items():
+        for _, suffix, _, _ in _TYPES:
+            f = getattr(lib, f'{function}_{suffix}')
+            f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
+            f.restype = None
+    return lib
+
+
+def _build(name: str, source: str) -> str:
+    cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
+    if cc is None:
+        raise RuntimeError('no C compiler found')
+    key = hashlib.sha256('\0'.join([source, cc, platform.machine(), _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    cache = os.environ.get('MMDAT_CACHE_DIR') or osp.join(
+        os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'mmdat')
+    path = osp.join(cache, f'{name}_{key}.so')
+    if osp.isfile(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src = osp.join(tmp, f'{name}.c')
+        with open(src, 'w') as f:
+            f.write(source)
+        errors = []
+        for flags in _FLAGS:
+            out = osp.join(tmp, f'{name}.so')
+            proc = subprocess.run([cc, *flags, '-fPIC', '-shared', src, '-o', out, '-lm'], capture_output=True,
+                                  text=True, timeout=300)
+            if proc.returncode == 0:
+                os.replace(out, path)  # atomic: concurrent builds are harmless
+                return path
+            errors.append(proc.stderr.strip().splitlines()[-1:] or [f'exit {proc.returncode}'])
+    raise RuntimeError(f'{cc} failed: {errors}')
