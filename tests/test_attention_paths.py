@@ -14,9 +14,11 @@ from mmdat.models.layers import deformable_attention_ops as ops
 from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
                                                       deformable_attention_impl)
 from mmdat.models.layers import neighborhood_attention as na_module
+from mmdat.models.layers import window_attention as wa_module
 from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, neighborhood_attention,
                                                         neighborhood_attention_native,
                                                         neighborhood_attention_tiled)
+from mmdat.models.layers.window_attention import WindowAttention
 
 from conftest import NANO_PP, NANO_V1, fixtures_dir
 
@@ -265,7 +267,7 @@ def test_backbone_paths_agree(arch):
 
     def run(impl):
         for m in model.modules():
-            if isinstance(m, NeighborhoodAttention):
+            if isinstance(m, (NeighborhoodAttention, WindowAttention)):
                 m.attn_impl = impl
         return _run(model, x, impl)
 
@@ -281,7 +283,7 @@ def test_flop_count_does_not_depend_on_the_path(arch):
 
     def count(impl):
         for m in model.modules():
-            if isinstance(m, NeighborhoodAttention):
+            if isinstance(m, (NeighborhoodAttention, WindowAttention)):
                 m.attn_impl = impl
         with deformable_attention_impl(impl):
             analyzer = FlopAnalyzer(model, (x,))
@@ -432,3 +434,41 @@ def test_half_precision_inputs_run_in_float32():
         out = na(qn.bfloat16(), kn.bfloat16(), vn.bfloat16(), tn.bfloat16(), 7)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), neighborhood_attention(qn, kn, vn, tn, 7), atol=0.05, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- window
+
+@pytest.mark.skipif(wa_module.native_library() is None, reason='no C compiler')
+@pytest.mark.parametrize('shifted', [False, True], ids=['L', 'S'])
+@pytest.mark.parametrize('size', [(14, 14), (9, 17), (5, 3), (10, 23), (16, 8)])
+def test_window_native_matches_reference_float64(size, shifted):
+    """The C kernels against the PyTorch formulation, padding (the keys of padded
+    positions are the qkv bias) and the shift mask included."""
+    module = _perturbed(WindowAttention(12, 3, 7, shifted).double()).train()
+    x = torch.randn(2, 12, *size, dtype=torch.double)
+
+    def run(impl):
+        module.attn_impl = impl
+        return _run(module, x, impl)
+
+    calls = []
+    real = wa_module.window_attention_native
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wa_module, 'window_attention_native', lambda *a: calls.append(1) or real(*a))
+        fast = run('fast')
+    assert calls
+    _assert_same(run('reference'), fast, atol=1e-11)
+
+
+@pytest.mark.skipif(wa_module.native_library() is None, reason='no C compiler')
+def test_window_native_float32_and_dropout_path():
+    module = _perturbed(WindowAttention(32, 2, 7, True, attn_drop=0.1)).eval()
+    x = torch.randn(1, 32, 12, 20)
+    fast = module(x)
+    module.attn_impl = 'reference'
+    torch.testing.assert_close(fast, module(x), atol=1e-5, rtol=1e-5)
+    module.attn_impl = 'fast'
+    module.train()  # attention dropout exists on the reference path only
+    assert not module._use_native(x)
+    with pytest.raises(ValueError, match='attn_impl'):
+        WindowAttention(32, 2, 7, attn_impl='flash')

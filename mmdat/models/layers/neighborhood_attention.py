@@ -357,6 +357,7 @@ void NAME(na_forward)(const scalar_t *qkv, const scalar_t *rpb, scalar_t *out, s
                 int64_t p = (int64_t)y * W + x;
                 scalar_t mx = NAME(logits)(qb + p * ts, kb, bt, s, scale, y, x, sy, sx, W, ts, d, K);
                 scalar_t sum = 0;
+#pragma omp simd reduction(+:sum)
                 for (int j = 0; j < KK; j++) {
                     s[j] = EXP(s[j] - mx);
                     sum += s[j];
@@ -411,6 +412,8 @@ void NAME(na_backward)(const scalar_t *qkv, const scalar_t *rpb, const scalar_t 
                         const scalar_t *qi = qb + p * ts, *gi = dout + o, *oi = out + o;
                         scalar_t l = lse[((int64_t)bh * H + y) * W + x];
                         NAME(logits)(qi, kb, bt, s, scale, y, x, sy, sx, W, ts, d, K);
+#pragma omp simd
+                        for (int j = 0; j < KK; j++) s[j] = EXP(s[j] - l);  /* P */
                         scalar_t D = 0;
 #pragma omp simd reduction(+:D)
                         for (int c = 0; c < d; c++) D += gi[c] * oi[c];
@@ -420,7 +423,7 @@ void NAME(na_backward)(const scalar_t *qkv, const scalar_t *rpb, const scalar_t 
                             scalar_t *dbrow = dbt + (sy + a - y + K - 1) * S + (sx - x + K - 1);
                             for (int j = 0; j < K; j++) {
                                 int64_t kj = row + (int64_t)j * ts;
-                                scalar_t w = EXP(s[a * K + j] - l), dw = 0;
+                                scalar_t w = s[a * K + j], dw = 0;
 #pragma omp simd reduction(+:dw)
                                 for (int c = 0; c < d; c++) dw += gi[c] * vb[kj + c];
                                 scalar_t ds = w * (dw - D), dss = ds * scale;

@@ -1,10 +1,260 @@
+import functools
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
+
+from . import native
+
+#: Window attention forward and backward in C (CPU), one window (and head) per task, read
+#: and written where the Linear layers around it keep their tokens: qkv (B, H, W, 3, heads,
+#: d), out (B, H, W, heads, d). Padding and the shift are index arithmetic: a key at a padded
+#: position is the projection of zeros, i.e. the qkv bias; queries at padded positions are
+#: never computed (they are cropped). table: (heads, (2w-1)^2); lse: (B, heads, H, W).
+_C_KERNELS = r"""
+/* The window (wy, wx) of the rolled, padded map: each of its w*w slots' position in the
+   input (-1: padding) and shift-region label. */
+static void NAME(window)(int wy, int wx, int H, int W, int Hp, int Wp, int w, int s, int64_t *at, int *label) {
+    for (int a = 0; a < w; a++) {
+        int ry = wy * w + a, y = (ry + s) % Hp;
+        int ly = s == 0 ? 0 : (ry < Hp - w ? 0 : (ry < Hp - s ? 1 : 2));
+        for (int c = 0; c < w; c++) {
+            int rx = wx * w + c, x = (rx + s) % Wp;
+            int lx = s == 0 ? 0 : (rx < Wp - w ? 0 : (rx < Wp - s ? 1 : 2));
+            at[a * w + c] = (y < H && x < W) ? (int64_t)y * W + x : -1;
+            label[a * w + c] = 3 * ly + lx;
+        }
+    }
+}
+
+/* Gathers the window's rows: Q (N x d, valid queries), K and V (N x d), Kt (d x N); padded
+   keys are the bias. Then S = scale * Q K^T + bias + mask (N x N, rows of valid queries). The
+   products run as rank-1 updates over contiguous rows, which compilers vectorize. */
+static void NAME(window_logits)(const scalar_t *base, const scalar_t *bias, const scalar_t *bt, const int64_t *at,
+                                const int *label, scalar_t *Q, scalar_t *K, scalar_t *Kt, scalar_t *V, scalar_t *Sm,
+                                scalar_t scale, int ts, int C, int h, int w, int d) {
+    int N = w * w, S = 2 * w - 1;
+    for (int j = 0; j < N; j++) {
+        const scalar_t *src = at[j] >= 0 ? base + at[j] * ts : bias + h * d;
+        if (at[j] >= 0)
+            for (int c = 0; c < d; c++) Q[j * d + c] = src[c] * scale;
+        for (int c = 0; c < d; c++) {
+            K[j * d + c] = src[C + c];
+            Kt[c * N + j] = src[C + c];
+            V[j * d + c] = src[2 * C + c];
+        }
+    }
+    for (int i = 0; i < N; i++) {
+        if (at[i] < 0) continue;
+        scalar_t *row = Sm + i * N;
+        const scalar_t *brow = bt + (i / w + w - 1) * S + (i % w + w - 1);  /* bias of key (0, 0) */
+        for (int ka = 0; ka < w; ka++)
+            for (int kc = 0; kc < w; kc++) {
+                int j = ka * w + kc;
+                row[j] = brow[-ka * S - kc] - (label[i] != label[j] ? (scalar_t)100 : (scalar_t)0);
+            }
+        for (int c = 0; c < d; c++) {
+            scalar_t q = Q[i * d + c];
+            const scalar_t *kt = Kt + c * N;
+#pragma omp simd
+            for (int j = 0; j < N; j++) row[j] += q * kt[j];
+        }
+    }
+}
+
+#define WINDOW_BUFFERS \
+    int64_t *at = (int64_t *)malloc(sizeof(int64_t) * N); \
+    int *label = (int *)malloc(sizeof(int) * N); \
+    scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * ((size_t)8 * N * d + 2 * (size_t)N * N)); \
+    scalar_t *Q = buf, *K = Q + N * d, *Kt = K + N * d, *V = Kt + N * d, *G = V + N * d, *dQ = G + N * d; \
+    scalar_t *dK = dQ + N * d, *dV = dK + N * d, *Sm = dV + N * d, *dP = Sm + N * N;
+
+void NAME(wa_forward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t *table, scalar_t *out, scalar_t *lse,
+                      scalar_t *scale_, int B, int heads, int H, int W, int d, int w, int s, int nthreads) {
+    int C = heads * d, ts = 3 * C, N = w * w, S = 2 * w - 1;
+    int nwy = (H + w - 1) / w, nwx = (W + w - 1) / w, Hp = nwy * w, Wp = nwx * w;
+    scalar_t scale = *scale_;
+#pragma omp parallel num_threads(nthreads)
+    {
+        WINDOW_BUFFERS
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)B * heads * nwy * nwx; item++) {
+            int win = (int)(item % (nwy * nwx)), h = (int)(item / (nwy * nwx) % heads);
+            int b = (int)(item / ((int64_t)nwy * nwx * heads));
+            NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
+            NAME(window_logits)(qkv + (int64_t)b * H * W * ts + h * d, bias, table + (int64_t)h * S * S, at, label,
+                                Q, K, Kt, V, Sm, scale, ts, C, h, w, d);
+            for (int i = 0; i < N; i++) {
+                if (at[i] < 0) continue;
+                scalar_t *row = Sm + i * N, mx = -INFINITY, sum = 0;
+                for (int j = 0; j < N; j++) mx = row[j] > mx ? row[j] : mx;
+#pragma omp simd reduction(+:sum)
+                for (int j = 0; j < N; j++) {
+                    row[j] = EXP(row[j] - mx);
+                    sum += row[j];
+                }
+                scalar_t *o = out + ((int64_t)b * H * W + at[i]) * C + h * d, inv = 1 / sum;
+                for (int c = 0; c < d; c++) o[c] = 0;
+                for (int j = 0; j < N; j++) {
+                    scalar_t p = row[j] * inv;
+                    const scalar_t *v = V + j * d;
+#pragma omp simd
+                    for (int c = 0; c < d; c++) o[c] += p * v[c];
+                }
+                lse[((int64_t)b * heads + h) * H * W + at[i]] = mx + LOG(sum);
+            }
+        }
+        free(at); free(label); free(buf);
+    }
+}
+
+/* dqkv: written where queries are (each position's q, k, v slots, once: a window owns its
+   positions); dbias (nthreads, 3C) and dtable (nthreads, heads, (2w-1)^2): zeros, one
+   accumulator per thread. */
+void NAME(wa_backward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t *table, const scalar_t *out,
+                       const scalar_t *lse, const scalar_t *dout, scalar_t *dqkv, scalar_t *dbias, scalar_t *dtable,
+                       scalar_t *scale_, int B, int heads, int H, int W, int d, int w, int s, int nthreads) {
+    int C = heads * d, ts = 3 * C, N = w * w, S = 2 * w - 1;
+    int nwy = (H + w - 1) / w, nwx = (W + w - 1) / w, Hp = nwy * w, Wp = nwx * w;
+    scalar_t scale = *scale_;
+#pragma omp parallel num_threads(nthreads)
+    {
+        WINDOW_BUFFERS
+        int tid = omp_get_thread_num();
+        scalar_t *db = dbias + (int64_t)tid * ts, *dt = dtable + (int64_t)tid * heads * S * S;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < (int64_t)B * heads * nwy * nwx; item++) {
+            int win = (int)(item % (nwy * nwx)), h = (int)(item / (nwy * nwx) % heads);
+            int b = (int)(item / ((int64_t)nwy * nwx * heads));
+            int64_t boff = (int64_t)b * H * W * ts + h * d;
+            NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
+            NAME(window_logits)(qkv + boff, bias, table + (int64_t)h * S * S, at, label, Q, K, Kt, V, Sm, scale,
+                                ts, C, h, w, d);
+            scalar_t *dbt = dt + (int64_t)h * S * S;
+            memset(dK, 0, sizeof(scalar_t) * 2 * (size_t)N * d);  /* dK, dV */
+            for (int i = 0; i < N; i++) {
+                if (at[i] < 0) continue;
+                int64_t o = ((int64_t)b * H * W + at[i]) * C + h * d;
+                const scalar_t *gi = dout + o, *oi = out + o;
+                scalar_t *row = Sm + i * N, *dp = dP + i * N, l = lse[((int64_t)b * heads + h) * H * W + at[i]];
+                scalar_t Dsum = 0;
+                for (int c = 0; c < d; c++) Dsum += gi[c] * oi[c];
+#pragma omp simd
+                for (int j = 0; j < N; j++) row[j] = EXP(row[j] - l);  /* P */
+                for (int j = 0; j < N; j++) {  /* dP = dO V^T */
+                    const scalar_t *v = V + j * d;
+                    scalar_t acc = 0;
+#pragma omp simd reduction(+:acc)
+                    for (int c = 0; c < d; c++) acc += gi[c] * v[c];
+                    dp[j] = acc;
+                }
+                scalar_t *dbrow = dbt + (i / w + w - 1) * S + (i % w + w - 1);
+                for (int ka = 0; ka < w; ka++)
+                    for (int kc = 0; kc < w; kc++) {
+                        int j = ka * w + kc;
+                        scalar_t ds = row[j] * (dp[j] - Dsum);
+                        dbrow[-ka * S - kc] += ds;
+                        dp[j] = ds;  /* dS, w.r.t. the scaled logits */
+                    }
+                scalar_t *dq = dQ + i * d, *q = Q + i * d;
+                for (int c = 0; c < d; c++) dq[c] = 0;
+                for (int j = 0; j < N; j++) {
+                    scalar_t ds = dp[j], p = row[j];
+                    const scalar_t *k = K + j * d;
+                    scalar_t *dk = dK + j * d, *dv = dV + j * d;
+#pragma omp simd
+                    for (int c = 0; c < d; c++) {
+                        dq[c] += ds * k[c];
+                        dk[c] += ds * q[c];
+                        dv[c] += p * gi[c];
+                    }
+                }
+            }
+            for (int j = 0; j < N; j++) {
+                if (at[j] >= 0) {
+                    scalar_t *dst = dqkv + boff + at[j] * ts;
+                    for (int c = 0; c < d; c++) {
+                        dst[c] = dQ[j * d + c] * scale;
+                        dst[C + c] = dK[j * d + c];
+                        dst[2 * C + c] = dV[j * d + c];
+                    }
+                } else {
+                    for (int c = 0; c < d; c++) {
+                        db[C + h * d + c] += dK[j * d + c];
+                        db[2 * C + h * d + c] += dV[j * d + c];
+                    }
+                }
+            }
+        }
+        free(at); free(label); free(buf);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def native_library():
+    """The compiled window-attention kernels, or ``None`` (see :mod:`.native`)."""
+    return native.load('window_attention', _C_KERNELS, {'wa_forward': (6, 8), 'wa_backward': (10, 8)})
+
+
+class _NativeWindowAttentionFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, qkv, bias, table, num_heads, window_size, shift_size, scale):
+        B, H, W, C3 = qkv.shape
+        out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
+        scale_ = qkv.new_tensor([scale])
+        args = (B, num_heads, H, W, C3 // (3 * num_heads), window_size, shift_size)
+        getattr(native_library(), 'wa_forward' + _suffix(qkv))(
+            *_ptrs(qkv, bias, table, out, lse, scale_), *args, torch.get_num_threads())
+        ctx.save_for_backward(qkv, bias, table, out, lse, scale_)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, bias, table, out, lse, scale_ = ctx.saved_tensors
+        threads = torch.get_num_threads()
+        dqkv, dbias, dtable = (torch.empty_like(qkv), bias.new_zeros(threads, *bias.shape),
+                               table.new_zeros(threads, *table.shape))
+        getattr(native_library(), 'wa_backward' + _suffix(qkv))(
+            *_ptrs(qkv, bias, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dbias, dtable, scale_),
+            *ctx.args, threads)
+        return dqkv, dbias.sum(0), dtable.sum(0), None, None, None, None
+
+
+def _suffix(x: torch.Tensor) -> str:
+    return '_f32' if x.dtype == torch.float32 else '_f64'
+
+
+def _ptrs(*tensors):
+    return [t.data_ptr() for t in tensors]
+
+
+def window_attention_native(qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int,
+                            window_size: int, shift_size: int, scale: float) -> torch.Tensor:
+    """(Shifted-)window attention by the C kernels (CPU), same function as ``WindowAttention``'s
+    reference path between its two Linear layers.
+
+    Args:
+        qkv: ``B x H x W x (3 * heads * d)``: the qkv projection of the unpadded map.
+        qkv_bias: ``3 * heads * d``: the projection's bias, i.e. q, k, v at padded positions.
+        table: ``heads x (2w-1)^2`` relative position bias.
+        num_heads, window_size, shift_size, scale: As the module's.
+    Returns:
+        ``B x H x W x (heads * d)``. Runs in float32 under autocast.
+    """
+    autocast = torch.is_autocast_enabled('cpu')
+    if autocast or {qkv.dtype, qkv_bias.dtype, table.dtype} not in ({torch.float32}, {torch.float64}):
+        with torch.autocast('cpu', enabled=False):
+            out = window_attention_native(qkv.float(), qkv_bias.float(), table.float(), num_heads, window_size,
+                                          shift_size, scale)
+        return out if autocast else out.to(qkv.dtype)
+    return _NativeWindowAttentionFunction.apply(qkv.contiguous(), qkv_bias.contiguous(), table.contiguous(),
+                                                num_heads, window_size, shift_size, scale)
 
 
 class WindowAttention(nn.Module):
@@ -23,11 +273,19 @@ class WindowAttention(nn.Module):
         shifted: Whether this is the shifted-window variant.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
+        attn_impl: ``'fast'`` (default): on CPU, ``window_attention_native`` (C kernels, no
+            padded, rolled or partitioned copies of the map), elsewhere as ``'reference'``:
+            the official formulation in PyTorch ops, which also runs while jit-tracing (FLOP
+            counters), when attention dropout is active and without a C compiler. Also an
+            attribute.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, window_size: int = 7, shifted: bool = False,
-                 attn_drop: float = 0., proj_drop: float = 0.):
+                 attn_drop: float = 0., proj_drop: float = 0., attn_impl: str = 'fast'):
         super().__init__()
+        if attn_impl not in ('fast', 'reference'):
+            raise ValueError(f"attn_impl must be 'fast' or 'reference', got {attn_impl!r}")
+        self.attn_impl = attn_impl
         self.num_heads = num_heads
         self.window_size = window_size
         self.shift_size = math.ceil(window_size / 2) if shifted else 0
@@ -56,9 +314,19 @@ class WindowAttention(nn.Module):
         differs = labels[:, None, :] != labels[:, :, None]
         return differs.float() * -100.0  # nW x N x N
 
+    def _use_native(self, x: torch.Tensor) -> bool:
+        return (self.attn_impl == 'fast' and x.device.type == 'cpu' and not torch.jit.is_tracing()
+                and not torch.jit.is_scripting() and not (self.training and self.attn_drop.p > 0)
+                and native_library() is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         w, s = self.window_size, self.shift_size
+        if self._use_native(x):
+            qkv = self.qkv(x.permute(0, 2, 3, 1))
+            out = window_attention_native(qkv, self.qkv.bias, self.relative_position_bias_table.t(), self.num_heads,
+                                          w, s, self.scale)
+            return self.proj_drop(self.proj(out)).permute(0, 3, 1, 2)
         x = F.pad(x, (0, (-W) % w, 0, (-H) % w))
         Hp, Wp = x.shape[-2:]
         if s:
@@ -67,7 +335,8 @@ class WindowAttention(nn.Module):
         nh, nw, N = Hp // w, Wp // w, w * w
         windows = x.view(B, C, nh, w, nw, w).permute(0, 2, 4, 3, 5, 1).reshape(B * nh * nw, N, C)
         qkv = self.qkv(windows).reshape(-1, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # one backward node; three selects would each zero-fill all of qkv
+        q = q * self.scale
         attn = q @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(N, N, -1).permute(2, 0, 1)
@@ -84,4 +353,5 @@ class WindowAttention(nn.Module):
         return out[:, :, :H, :W]
 
     def extra_repr(self) -> str:
-        return f'num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}'
+        return (f'num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}, '
+                f'attn_impl={self.attn_impl!r}')
