@@ -243,6 +243,7 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
 #pragma omp parallel num_threads(nthreads)
     {
         scalar_t *buf = NULL;
+        int *seg = NULL;
         int64_t capacity = 0;
         scalar_t *dt = dtable + (int64_t)omp_get_thread_num() * M * Th * Tw;
 #pragma omp for schedule(static)
@@ -254,8 +255,15 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
             if (4 * (int64_t)bx > capacity) {
                 capacity = 4 * (int64_t)bx;
                 buf = (scalar_t *)realloc(buf, sizeof(scalar_t) * (size_t)capacity);
+                seg = (int *)realloc(seg, sizeof(int) * (size_t)(capacity + 1));
             }
             scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx;
+            /* the query columns whose first corner is band cell i are [seg[i], seg[i + 1]):
+               lo_x is non-decreasing, so the sums below run in registers, not through memory */
+            for (int i = 0, b = 0; i <= bx; i++) {
+                while (b < W && lx[b] - xs < i) b++;
+                seg[i] = b;
+            }
             scalar_t gy = 0, gx = 0;
             for (int a = 0; a < A; a++) {
                 int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
@@ -265,11 +273,14 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
                     int64_t head = (int64_t)((bg % G) * Mg + m);
                     const scalar_t *g = dS + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
                     /* bias[b] = (1 - fx) R[i] + fx R[i + 1], i = lo_x[b] - xs */
-                    memset(Eu, 0, sizeof(scalar_t) * 2 * (size_t)bx);
-                    for (int b = 0; b < W; b++) {
-                        int i = lx[b] - xs;
-                        Eu[i] += g[b];
-                        E1[i] += g[b] * wx[b];
+                    for (int i = 0; i < bx; i++) {
+                        scalar_t su = 0, s1 = 0;
+                        for (int b = seg[i]; b < seg[i + 1]; b++) {
+                            su += g[b];
+                            s1 += g[b] * wx[b];
+                        }
+                        Eu[i] = su;
+                        E1[i] = s1;
                     }
                     NAME(rows)(table + head * Th * Tw, Th, Tw, y0, w, xs, bx, R, D);
                     scalar_t *d = dt + head * Th * Tw;
@@ -288,6 +299,7 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
             dcoord[((int64_t)bg * Ns + j) * 2 + 1] += gx;
         }
         free(buf);
+        free(seg);
     }
 }
 """
