@@ -1,4 +1,4 @@
-"""Sampling-point visualisation (paper Figure 4), inference demo on a user's image, images/s benchmark."""
+"""Sampling-point visualisation (paper Figure 4), inference demo on a user's image, the benchmarks."""
 import importlib.util
 import os.path as osp
 
@@ -65,3 +65,20 @@ def test_benchmark_reports_images_per_second(capsys):
                 '--warmup', '0', '--device', 'cpu', '--train'])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith('upernet_dat_t_160k.py: ') and float(line.split()[1]) > 0
+
+
+def test_backbone_benchmark_merges_rounds_and_prints_ratios(capsys):
+    bench = _load('tools/analysis_tools/benchmark_backbone.py')
+    common = dict(kind='block', name='datpp_t_s3', size=None, mode='fwd', amp=False, device='cpu', threads=None,
+                  repeats=1, warmup=0)
+    runs = {impl: [bench.run_case(dict(common, impl=impl)) for _ in range(2)] for impl in ('reference', 'fast')}
+    results = [bench._merge(r) for r in runs.values()]
+    for impl, merged in zip(runs, results):
+        assert merged['rounds'] == 2 and len(merged['times']) == 2
+        assert merged['time_min'] == min(r['time'] for r in runs[impl])
+        assert merged['mem'] == max(r['mem'] for r in runs[impl])
+    assert bench._merge([dict(common, error='timeout')])['error'] == 'timeout'
+    bench.report(results, 'cpu')
+    fast = next(line for line in capsys.readouterr().out.splitlines() if ' fast ' in line).split()
+    assert fast[-3:] == ['fast', '/', 'reference']
+    assert float(fast[8]) == round(results[1]['time'] / results[0]['time'], 2)

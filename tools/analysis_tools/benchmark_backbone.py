@@ -24,7 +24,9 @@ Every case runs in a fresh subprocess, twice: ``fwd`` (eval mode, ``torch.no_gra
 and ``fwd+bwd`` (train mode; forward, sum of the outputs, backward). Time: the median
 (and min) wall-clock time of ``--repeats`` runs after ``--warmup`` runs; on CPU also the
 median process CPU time (``cpu s``: all threads; on a busy machine, with ``--threads 1``,
-the least disturbed measure of the work done). Peak memory:
+the least disturbed measure of the work done). ``--rounds N`` runs the whole list N times,
+interleaved, and reports each case over all its runs: on a machine whose speed drifts (a
+shared VM) the ratios then compare cases measured side by side. Peak memory:
 
 * CPU: the subprocess's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) at the
   end of the case, reported raw (``peak RSS``) and minus the resident set measured after
@@ -77,7 +79,10 @@ def parse_args(argv=None):
                    help='attention paths of the DAT backbones (Swin-T has one)')
     p.add_argument('--sizes', nargs='+', default=['800x1344', '512x512'], help='backbone inputs HxW')
     p.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
-    p.add_argument('--repeats', type=int, default=3, help='timed runs per case')
+    p.add_argument('--repeats', type=int, default=3, help='timed runs per case and round')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='run the whole list of cases this many times, interleaved, and report each case '
+                   'over all its runs: a machine whose speed drifts then slows all cases alike')
     p.add_argument('--warmup', type=int, default=1, help='untimed runs before them')
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     p.add_argument('--amp', action='store_true', help='CUDA: also run every case under fp16 autocast')
@@ -226,6 +231,21 @@ def _spawn(case, timeout, wait_policy='inherit') -> dict:
     return dict(case, error=' | '.join(tail) or f'exit code {proc.returncode}')
 
 
+def _merge(runs):
+    """One result from a case's rounds: median and min over all timed runs, median CPU time,
+    the largest peak memory."""
+    ok = [r for r in runs if 'error' not in r]
+    if not ok:
+        return runs[-1]
+    times = [t for r in ok for t in r['times']]
+    merged = dict(ok[0], times=times, time=statistics.median(times), time_min=min(times),
+                  cpu=statistics.median(r['cpu'] for r in ok), rounds=len(ok))
+    for key in ('mem', 'peak_rss', 'base_rss'):
+        if key in ok[0]:
+            merged[key] = max(r[key] for r in ok)
+    return merged
+
+
 def _label(r):
     size = 'x'.join(map(str, r['size'])) if r.get('size') else ''
     return r['name'], size, r['impl'], r['mode'] + (' amp' if r['amp'] else '')
@@ -278,14 +298,18 @@ def main(argv=None):
     policy = os.environ.get('OMP_WAIT_POLICY', '(unset)') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy
     print(f'OMP_WAIT_POLICY of the cases: {policy}')
     print(f'load average at start: {os.getloadavg()}')
-    results = []
-    for case in _cases(args, device):
-        r = _spawn(case, args.timeout, args.omp_wait_policy)
-        results.append(r)
-        name, size, impl, mode = _label(r)
-        status = r.get('error') or f'{r["time"]:.3f} s, {r["mem"]:.0f} MB'
-        print(f'  {name} {size} {impl} {mode}: {status}', flush=True)
+    cases = _cases(args, device)
+    runs = [[] for _ in cases]
+    for round_ in range(args.rounds):
+        for case, case_runs in zip(cases, runs):
+            r = _spawn(case, args.timeout, args.omp_wait_policy)
+            case_runs.append(r)
+            name, size, impl, mode = _label(r)
+            status = r.get('error') or f'{r["time"]:.3f} s, {r["mem"]:.0f} MB'
+            rnd = f' (round {round_ + 1})' if args.rounds > 1 else ''
+            print(f'  {name} {size} {impl} {mode}{rnd}: {status}', flush=True)
     print(f'load average at end: {os.getloadavg()}\n')
+    results = [_merge(case_runs) for case_runs in runs]
     report(results, device)
     if args.json:
         with open(args.json, 'w') as f:
