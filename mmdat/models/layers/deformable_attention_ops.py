@@ -319,8 +319,9 @@ class _NativeBias:
                  groups: int):
         BG, Ns, _ = pos.shape
         M, Th, Tw = table.shape
-        self.lib, self.table = lib, table.contiguous()
-        self.suffix = 'f32' if table.dtype == torch.float32 else 'f64'
+        self.table = table.contiguous()
+        self.forward_kernel = native.function(lib, 'bias_forward', table.dtype)
+        self.backward_kernel = native.function(lib, 'bias_backward', table.dtype)
         self.threads = torch.get_num_threads()
         lo_y, self.fy = _axis_coords(qy, pos[..., 0], Th)
         lo_x, self.fx = _axis_coords(qx, pos[..., 1], Tw)
@@ -335,17 +336,16 @@ class _NativeBias:
         return self.dims + [g.start, g.stop - g.start, a.start, a.stop - a.start, self.threads]
 
     def _ptrs(self, *tensors):
-        return [t.data_ptr() for t in (self.table, self.lo_y, self.fy, self.lo_x, self.fx) + tensors]
+        return native.pointers(self.table, self.lo_y, self.fy, self.lo_x, self.fx, *tensors)
 
     def write(self, g: slice, a: slice, out: torch.Tensor, scratch: torch.Tensor):
-        getattr(self.lib, 'bias_forward_' + self.suffix)(*self._ptrs(out), *self._args(g, a))
+        self.forward_kernel(*self._ptrs(out), *self._args(g, a))
 
     def backward(self, g: slice, a: slice, dS: torch.Tensor, scratch: torch.Tensor, saved):
         if self.dtable is None:
             self.dtable = dS.new_zeros(self.threads, *self.table.shape)  # one per thread
             self.dcoord = dS.new_zeros(self.fx.shape[0], self.dims[2], 2)
-        getattr(self.lib, 'bias_backward_' + self.suffix)(*self._ptrs(dS, self.dtable, self.dcoord),
-                                                         *self._args(g, a))
+        self.backward_kernel(*self._ptrs(dS, self.dtable, self.dcoord), *self._args(g, a))
 
     def grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
         Th, Tw = self.dims[5:7]

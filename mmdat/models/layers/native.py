@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+import torch
 
 _HEADER = r"""
 #include <math.h>
@@ -61,6 +63,15 @@ _FLAGS = (('-O3', '-march=native', '-fopenmp'), ('-O3', '-fopenmp'), ('-O3',))
 
 def enabled() -> bool:
     return os.environ.get('MMDAT_NATIVE_OPS', '1') != '0'
+
+
+def function(lib: ctypes.CDLL, name: str, dtype: torch.dtype):
+    """Kernel ``name`` compiled for ``dtype`` (``torch.float32`` or ``torch.float64``)."""
+    return getattr(lib, f'{name}_{"f32" if dtype == torch.float32 else "f64"}')
+
+
+def pointers(*tensors: torch.Tensor) -> List[int]:
+    return [t.data_ptr() for t in tensors]
 
 
 def _source(kernels: str) -> str:

@@ -461,8 +461,8 @@ class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
         d = C3 // (3 * num_heads)
         out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
         scale_ = qkv.new_tensor([scale])
-        getattr(native_library(), 'na_forward' + _suffix(qkv))(
-            *_ptrs(qkv, table, out, lse, scale_), B, num_heads, H, W, d, kernel_size, torch.get_num_threads())
+        native.function(native_library(), 'na_forward', qkv.dtype)(
+            *native.pointers(qkv, table, out, lse, scale_), B, num_heads, H, W, d, kernel_size, torch.get_num_threads())
         ctx.save_for_backward(qkv, table, out, lse, scale_)
         ctx.args = (num_heads, kernel_size)
         return out
@@ -474,18 +474,10 @@ class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
         B, H, W, C3 = qkv.shape
         threads = torch.get_num_threads()
         dqkv, dtable = torch.zeros_like(qkv), table.new_zeros(threads, *table.shape)
-        getattr(native_library(), 'na_backward' + _suffix(qkv))(
-            *_ptrs(qkv, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dtable, scale_),
+        native.function(native_library(), 'na_backward', qkv.dtype)(
+            *native.pointers(qkv, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dtable, scale_),
             B, num_heads, H, W, C3 // (3 * num_heads), kernel_size, threads)
         return dqkv, dtable.sum(0), None, None, None
-
-
-def _suffix(x: torch.Tensor) -> str:
-    return '_f32' if x.dtype == torch.float32 else '_f64'
-
-
-def _ptrs(*tensors):
-    return [t.data_ptr() for t in tensors]
 
 
 def native_usable(x: torch.Tensor) -> bool:

@@ -208,8 +208,8 @@ class _NativeWindowAttentionFunction(torch.autograd.Function):
         out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
         scale_ = qkv.new_tensor([scale])
         args = (B, num_heads, H, W, C3 // (3 * num_heads), window_size, shift_size)
-        getattr(native_library(), 'wa_forward' + _suffix(qkv))(
-            *_ptrs(qkv, bias, table, out, lse, scale_), *args, torch.get_num_threads())
+        native.function(native_library(), 'wa_forward', qkv.dtype)(
+            *native.pointers(qkv, bias, table, out, lse, scale_), *args, torch.get_num_threads())
         ctx.save_for_backward(qkv, bias, table, out, lse, scale_)
         ctx.args = args
         return out
@@ -220,18 +220,11 @@ class _NativeWindowAttentionFunction(torch.autograd.Function):
         threads = torch.get_num_threads()
         dqkv, dbias, dtable = (torch.empty_like(qkv), bias.new_zeros(threads, *bias.shape),
                                table.new_zeros(threads, *table.shape))
-        getattr(native_library(), 'wa_backward' + _suffix(qkv))(
-            *_ptrs(qkv, bias, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dbias, dtable, scale_),
+        dout = grad_out.to(qkv.dtype).contiguous()
+        native.function(native_library(), 'wa_backward', qkv.dtype)(
+            *native.pointers(qkv, bias, table, out, lse, dout, dqkv, dbias, dtable, scale_),
             *ctx.args, threads)
         return dqkv, dbias.sum(0), dtable.sum(0), None, None, None, None
-
-
-def _suffix(x: torch.Tensor) -> str:
-    return '_f32' if x.dtype == torch.float32 else '_f64'
-
-
-def _ptrs(*tensors):
-    return [t.data_ptr() for t in tensors]
 
 
 def window_attention_native(qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int,
