@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import native
+from .precision import in_full_precision
 
 #: Most logits per tile, by device type (overridable per call): bounds the two tile buffers.
 DEFAULT_TILE_ELEMENTS = {'cpu': 1 << 22, 'cuda': 1 << 24}
@@ -509,15 +510,9 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
     if tile_elements is None:
         bound = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
         tile_elements = min(bound, max(BM * q.shape[2] * q.shape[3] * Ns // TILES_PER_CALL, MIN_TILE_ELEMENTS))
-    device_type = q.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    tensors = [q, k, v, pos, qy, qx] + ([] if table is None else [table])
-    if autocast or {t.dtype for t in tensors} not in ({torch.float32}, {torch.float64}):
-        # low precision or mixed dtypes: compute in float32
-        with torch.autocast(device_type, enabled=False):
-            out = deformable_attention(q.float(), k.float(), v.float(), pos.float(),
-                                       None if table is None else table.float(), qy.float(), qx.float(), groups,
-                                       tile_elements)
-        return out if autocast else out.to(q.dtype)
-    return _DeformableAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                              pos.contiguous(), table, qy, qx, groups, tile_elements)
+    return in_full_precision(_apply, (q, k, v, pos, table, qy, qx), groups, tile_elements)
+
+
+def _apply(q, k, v, pos, table, qy, qx, groups, tile_elements):
+    return _DeformableAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), pos.contiguous(),
+                                              table, qy, qx, groups, tile_elements)

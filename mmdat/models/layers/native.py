@@ -1,10 +1,10 @@
 """CPU kernels in C, compiled on first use and loaded with ctypes.
 
 Each kernel source is written once over ``scalar_t`` and compiled for ``float`` (suffix
-``_f32``) and ``double`` (``_f64``); ``EXP`` and ``LOG`` are the matching exponential (``exp_f32`` below for float)
-and libm logarithm. A
-library is built once per source, compiler and CPU with the system's C compiler (OpenMP when
-available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``).
+``_f32``) and ``double`` (``_f64``); ``EXP`` and ``LOG`` are the matching exponential
+(``exp_f32`` below for float) and libm logarithm. A library is built once per source,
+compiler and CPU with the system's C compiler (OpenMP when available, about a second) into
+``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``).
 ``MMDAT_NATIVE_OPS=0`` disables every kernel; callers then use their PyTorch paths.
 """
 import ctypes
@@ -106,10 +106,10 @@ def load(name: str, kernels: str, signatures: Dict[str, Tuple[int, int]]) -> Opt
     except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
         warnings.warn(f'mmdat: native {name} kernels unavailable ({e}); using the PyTorch implementation')
         return None
-    for function, (pointers, ints) in signatures.items():
+    for kernel, (n_pointers, n_ints) in signatures.items():
         for _, suffix, _, _ in _TYPES:
-            f = getattr(lib, f'{function}_{suffix}')
-            f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
+            f = getattr(lib, f'{kernel}_{suffix}')
+            f.argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int] * n_ints
             f.restype = None
     return lib
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
 from . import native
+from .precision import in_full_precision
 
 
 @functools.lru_cache(maxsize=64)
@@ -299,15 +300,10 @@ def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Args as ``neighborhood_attention`` (no attention dropout), plus ``tile``: side of the
     query tiles. Runs in float32 under autocast.
     """
-    device_type = q.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast or {t.dtype for t in (q, k, v, bias_table)} not in ({torch.float32}, {torch.float64}):
-        # low precision or mixed dtypes: compute in float32
-        with torch.autocast(device_type, enabled=False):
-            out = neighborhood_attention_tiled(q.float(), k.float(), v.float(), bias_table.float(), kernel_size, tile)
-        return out if autocast else out.to(q.dtype)
-    return _NeighborhoodAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias_table,
-                                                kernel_size, tile)
+    return in_full_precision(
+        lambda q, k, v, table: _NeighborhoodAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                                    table, kernel_size, tile),
+        (q, k, v, bias_table))
 
 
 # ----------------------------------------------------------------------------- native (CPU)
@@ -503,13 +499,10 @@ def neighborhood_attention_native(qkv: torch.Tensor, bias_table: torch.Tensor, n
     H, W = qkv.shape[1:3]
     if min(H, W) < kernel_size:
         raise ValueError(f'neighborhood attention needs maps of at least the kernel size {kernel_size}, got {H}x{W}')
-    autocast = torch.is_autocast_enabled('cpu')
-    if autocast or {qkv.dtype, bias_table.dtype} not in ({torch.float32}, {torch.float64}):
-        with torch.autocast('cpu', enabled=False):
-            out = neighborhood_attention_native(qkv.float(), bias_table.float(), num_heads, kernel_size, scale)
-        return out if autocast else out.to(qkv.dtype)
-    return _NativeNeighborhoodAttentionFunction.apply(qkv.contiguous(), bias_table.contiguous(), num_heads,
-                                                      kernel_size, scale)
+    return in_full_precision(
+        lambda qkv, table: _NativeNeighborhoodAttentionFunction.apply(qkv.contiguous(), table.contiguous(), num_heads,
+                                                                      kernel_size, scale),
+        (qkv, bias_table))
 
 
 @functools.lru_cache(maxsize=1)

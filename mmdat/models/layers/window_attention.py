@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
 from . import native
+from .precision import in_full_precision
 
 #: Window attention forward and backward in C (CPU), one window (and head) per task, read
 #: and written where the Linear layers around it keep their tokens: qkv (B, H, W, 3, heads,
@@ -67,9 +68,9 @@ static void NAME(window_logits)(const scalar_t *base, const scalar_t *bias, cons
 #define WINDOW_BUFFERS \
     int64_t *at = (int64_t *)malloc(sizeof(int64_t) * N); \
     int *label = (int *)malloc(sizeof(int) * N); \
-    scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * ((size_t)8 * N * d + 2 * (size_t)N * N)); \
-    scalar_t *Q = buf, *K = Q + N * d, *Kt = K + N * d, *V = Kt + N * d, *G = V + N * d, *dQ = G + N * d; \
-    scalar_t *dK = dQ + N * d, *dV = dK + N * d, *Sm = dV + N * d, *dP = Sm + N * N;
+    scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * ((size_t)7 * N * d + (size_t)N * N + N)); \
+    scalar_t *Q = buf, *K = Q + N * d, *Kt = K + N * d, *V = Kt + N * d, *dQ = V + N * d; \
+    scalar_t *dK = dQ + N * d, *dV = dK + N * d, *Sm = dV + N * d, *dp = Sm + N * N;
 
 void NAME(wa_forward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t *table, scalar_t *out, scalar_t *lse,
                       scalar_t *scale_, int B, int heads, int H, int W, int d, int w, int s, int nthreads) {
@@ -138,7 +139,7 @@ void NAME(wa_backward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t
                 if (at[i] < 0) continue;
                 int64_t o = ((int64_t)b * H * W + at[i]) * C + h * d;
                 const scalar_t *gi = dout + o, *oi = out + o;
-                scalar_t *row = Sm + i * N, *dp = dP + i * N, l = lse[((int64_t)b * heads + h) * H * W + at[i]];
+                scalar_t *row = Sm + i * N, l = lse[((int64_t)b * heads + h) * H * W + at[i]];
                 scalar_t Dsum = 0;
                 for (int c = 0; c < d; c++) Dsum += gi[c] * oi[c];
 #pragma omp simd
@@ -240,14 +241,10 @@ def window_attention_native(qkv: torch.Tensor, qkv_bias: torch.Tensor, table: to
     Returns:
         ``B x H x W x (heads * d)``. Runs in float32 under autocast.
     """
-    autocast = torch.is_autocast_enabled('cpu')
-    if autocast or {qkv.dtype, qkv_bias.dtype, table.dtype} not in ({torch.float32}, {torch.float64}):
-        with torch.autocast('cpu', enabled=False):
-            out = window_attention_native(qkv.float(), qkv_bias.float(), table.float(), num_heads, window_size,
-                                          shift_size, scale)
-        return out if autocast else out.to(qkv.dtype)
-    return _NativeWindowAttentionFunction.apply(qkv.contiguous(), qkv_bias.contiguous(), table.contiguous(),
-                                                num_heads, window_size, shift_size, scale)
+    return in_full_precision(
+        lambda qkv, bias, table: _NativeWindowAttentionFunction.apply(
+            qkv.contiguous(), bias.contiguous(), table.contiguous(), num_heads, window_size, shift_size, scale),
+        (qkv, qkv_bias, table))
 
 
 class WindowAttention(nn.Module):
