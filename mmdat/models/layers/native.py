@@ -57,8 +57,10 @@ static inline float exp_f32(float x) {
 
 _TYPES = (('float', 'f32', 'exp_f32', 'logf'), ('double', 'f64', 'exp', 'log'))
 
-#: Compiler flags to try, best first.
-_FLAGS = (('-O3', '-march=native', '-fopenmp'), ('-O3', '-fopenmp'), ('-O3',))
+#: Compiler flags to try, best first. PyTorch's own: without -fno-trapping-math GCC does not
+#: vectorize floorf, hence exp_f32 and every softmax loop.
+_MATH = ('-fno-trapping-math', '-fno-math-errno')
+_FLAGS = (('-O3', '-march=native', '-fopenmp', *_MATH), ('-O3', '-fopenmp', *_MATH), ('-O3', *_MATH))
 
 
 def enabled() -> bool:
@@ -118,7 +120,8 @@ def _build(name: str, source: str) -> str:
     cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
     if cc is None:
         raise RuntimeError('no C compiler found')
-    key = hashlib.sha256('\0'.join([source, cc, platform.machine(), _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256('\0'.join([source, cc, repr(_FLAGS), platform.machine(), _cpu_fingerprint()]).encode())
+    key = key.hexdigest()[:16]
     cache = os.environ.get('MMDAT_CACHE_DIR') or osp.join(
         os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'mmdat')
     path = osp.join(cache, f'{name}_{key}.so')
