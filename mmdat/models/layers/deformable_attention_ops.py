@@ -143,9 +143,23 @@ class _TorchBias:
         torch.addcmul(picked[..., 0], picked[..., 1], self.fx[g].view(n, 1, Ns, 1, W), out=out)
         return index, R, c0, c1, fy
 
-    def backward(self, g: slice, a: slice, dS: torch.Tensor, scratch: torch.Tensor, saved):
-        """Accumulates the table and position gradients of one tile's bias from ``dS``
-        (``scratch``: a buffer of ``dS``'s size)."""
+    def forward_tile(self, g: slice, a: slice, S: torch.Tensor, kt: torch.Tensor, qt: torch.Tensor,
+                     scratch: torch.Tensor) -> torch.Tensor:
+        self.write(g, a, S, scratch)
+        S3 = _flat(S)
+        return _shifted_exp(S3.baddbmm_(kt.transpose(1, 2), qt))
+
+    def probabilities(self, g: slice, a: slice, S: torch.Tensor, kt: torch.Tensor, qt: torch.Tensor,
+                      scratch: torch.Tensor):
+        saved = self.write(g, a, S, scratch)
+        _flat(S).baddbmm_(kt.transpose(1, 2), qt).exp_()
+        return saved
+
+    def backward(self, g: slice, a: slice, dS: torch.Tensor, P: torch.Tensor, saved):
+        """``dS *= P``, then accumulates the table and position gradients of one tile's bias
+        from ``dS`` (``P``'s buffer serves as scratch)."""
+        dS.mul_(P)
+        scratch = P.view(-1)
         index, R, c0, c1, fy = saved
         n, Mg, Ns, A, W = dS.shape
         bx = self.bx
@@ -199,14 +213,24 @@ static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_
     }
 }
 
+/* One tile's logits S (n, Mg, Ns, A, W) hold q.k (minus the log-sum-exp in the backward pass).
+   exp_mode 0 (forward): S += bias, and mx (n, Mg, A, W) = the max over the keys; then exp_shift.
+   exp_mode 1 (backward): S = EXP(S + bias), the probabilities. */
 void NAME(bias_forward)(const scalar_t *table, const int32_t *lo_y, const scalar_t *fy, const int32_t *lo_x,
-                        const scalar_t *fx, scalar_t *out, int G, int Mg, int Ns, int H, int W, int Th, int Tw,
-                        int g0, int n, int a0, int A, int nthreads) {
+                        const scalar_t *fx, scalar_t *S, scalar_t *mx, int G, int Mg, int Ns, int H, int W,
+                        int Th, int Tw, int g0, int n, int a0, int A, int exp_mode, int nthreads) {
+    int64_t queries = (int64_t)n * Mg * A * W;
+    if (!exp_mode)
+        for (int64_t i = 0; i < queries; i++) mx[i] = -INFINITY;
 #pragma omp parallel num_threads(nthreads)
     {
-        scalar_t *R = NULL;
+        scalar_t *R = NULL, *local_max = NULL;
         int64_t capacity = 0;
-#pragma omp for schedule(static)
+        if (!exp_mode) {
+            local_max = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)queries);
+            for (int64_t i = 0; i < queries; i++) local_max[i] = -INFINITY;
+        }
+#pragma omp for schedule(static) nowait
         for (int64_t gj = 0; gj < (int64_t)n * Ns; gj++) {
             int bgl = (int)(gj / Ns), j = (int)(gj % Ns), bg = g0 + bgl;
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
@@ -223,22 +247,49 @@ void NAME(bias_forward)(const scalar_t *table, const int32_t *lo_y, const scalar
                     const scalar_t *t = table + (int64_t)((bg % G) * Mg + m) * Th * Tw;
                     NAME(rows)(t, Th, Tw, lo_y[yi], fy[yi], xs, bx, R, NULL);
                     for (int x = 0; x + 1 < bx; x++) Rd[x] = R[x + 1] - R[x];
-                    scalar_t *o = out + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
+                    scalar_t *o = S + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
                     for (int b = 0; b < W; b++) {
                         int i = lx[b] - xs;
-                        o[b] = R[i] + wx[b] * Rd[i];
+                        o[b] += R[i] + wx[b] * Rd[i];
+                    }
+                    /* separate loops: these vectorize, the gather above does not */
+                    if (exp_mode) {
+#pragma omp simd
+                        for (int b = 0; b < W; b++) o[b] = EXP(o[b]);
+                    } else {
+                        scalar_t *mq = local_max + (((int64_t)bgl * Mg + m) * A + a) * W;
+#pragma omp simd
+                        for (int b = 0; b < W; b++) mq[b] = o[b] > mq[b] ? o[b] : mq[b];
                     }
                 }
             }
+        }
+        if (!exp_mode) {
+#pragma omp critical
+            for (int64_t i = 0; i < queries; i++) mx[i] = local_max[i] > mx[i] ? local_max[i] : mx[i];
+            free(local_max);
         }
         free(R);
     }
 }
 
-/* dtable (nthreads, M, Th, Tw): per-thread accumulators; dcoord (BG, Ns, 2) += gradients
-   w.r.t. the keys' table coordinates (y, x); the caller scales them to positions. */
+/* S (blocks, Ns, cols) = EXP(S - mx (blocks, cols)) */
+void NAME(exp_shift)(scalar_t *S, const scalar_t *mx, int blocks, int Ns, int cols, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t row = 0; row < (int64_t)blocks * Ns; row++) {
+        scalar_t *s = S + row * cols;
+        const scalar_t *m = mx + row / Ns * cols;
+#pragma omp simd
+        for (int c = 0; c < cols; c++) s[c] = EXP(s[c] - m[c]);
+    }
+}
+
+/* dS holds dP - rowsum(dO * O) on entry and P (dP - rowsum(dO * O)) on exit. dtable (nthreads, M, Th,
+   Tw): per-thread accumulators; dcoord (BG, Ns, 2) += gradients w.r.t. the keys' table coordinates
+   (y, x); the caller scales them to positions. */
 void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scalar_t *fy, const int32_t *lo_x,
-                         const scalar_t *fx, const scalar_t *dS, scalar_t *dtable, scalar_t *dcoord, int G, int Mg,
+                         const scalar_t *fx, scalar_t *dS, const scalar_t *P, scalar_t *dtable, scalar_t *dcoord,
+                         int G, int Mg,
                          int Ns, int H, int W, int Th, int Tw, int g0, int n, int a0, int A, int nthreads) {
     int64_t M = (int64_t)G * Mg;
 #pragma omp parallel num_threads(nthreads)
@@ -272,7 +323,11 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
                 scalar_t w = fy[yi];
                 for (int m = 0; m < Mg; m++) {
                     int64_t head = (int64_t)((bg % G) * Mg + m);
-                    const scalar_t *g = dS + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
+                    int64_t row = ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
+                    scalar_t *g = dS + row;
+                    const scalar_t *p = P + row;
+#pragma omp simd
+                    for (int b = 0; b < W; b++) g[b] *= p[b];  /* dP - D -> dS, in place */
                     /* bias[b] = (1 - fx) R[i] + fx R[i + 1], i = lo_x[b] - xs */
                     for (int i = 0; i < bx; i++) {
                         scalar_t su = 0, s1 = 0;
@@ -309,7 +364,8 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
 def native_library() -> Optional[ctypes.CDLL]:
     """The compiled bias kernels, or ``None`` (see :mod:`.native`)."""
     return native.load('deformable_attention_bias', _C_KERNELS,
-                       {'bias_forward': (6, 12), 'bias_backward': (8, 12)})
+                       {'bias_forward': (7, 13), 'bias_backward': (9, 12),
+                        'exp_shift': (2, 4)})
 
 
 class _NativeBias:
@@ -323,6 +379,7 @@ class _NativeBias:
         self.table = table.contiguous()
         self.forward_kernel = native.function(lib, 'bias_forward', table.dtype)
         self.backward_kernel = native.function(lib, 'bias_backward', table.dtype)
+        self.exp_shift = native.function(lib, 'exp_shift', table.dtype)
         self.threads = torch.get_num_threads()
         lo_y, self.fy = _axis_coords(qy, pos[..., 0], Th)
         lo_x, self.fx = _axis_coords(qx, pos[..., 1], Tw)
@@ -333,20 +390,29 @@ class _NativeBias:
         self.dims = [groups, M // groups, Ns, qy.numel(), qx.numel(), Th, Tw]
         self.dtable = self.dcoord = None
 
-    def _args(self, g: slice, a: slice):
-        return self.dims + [g.start, g.stop - g.start, a.start, a.stop - a.start, self.threads]
+    def _args(self, g: slice, a: slice, *mode: int):
+        return self.dims + [g.start, g.stop - g.start, a.start, a.stop - a.start, *mode, self.threads]
 
     def _ptrs(self, *tensors):
         return native.pointers(self.table, self.lo_y, self.fy, self.lo_x, self.fx, *tensors)
 
-    def write(self, g: slice, a: slice, out: torch.Tensor, scratch: torch.Tensor):
-        self.forward_kernel(*self._ptrs(out), *self._args(g, a))
+    def forward_tile(self, g, a, S, kt, qt, scratch):
+        S3 = _flat(S)
+        torch.bmm(kt.transpose(1, 2), qt, out=S3)
+        m = S.new_empty(S3.shape[0], 1, S3.shape[2])
+        self.forward_kernel(*self._ptrs(S, m), *self._args(g, a, 0))
+        self.exp_shift(*native.pointers(S3, m), *S3.shape, self.threads)
+        return m
 
-    def backward(self, g: slice, a: slice, dS: torch.Tensor, scratch: torch.Tensor, saved):
+    def probabilities(self, g, a, S, kt, qt, scratch):
+        torch.bmm(kt.transpose(1, 2), qt, out=_flat(S))
+        self.forward_kernel(*self._ptrs(S, S), *self._args(g, a, 1))  # no max: S stands in
+
+    def backward(self, g, a, dS, P, saved):
         if self.dtable is None:
             self.dtable = dS.new_zeros(self.threads, *self.table.shape)  # one per thread
             self.dcoord = dS.new_zeros(self.fx.shape[0], self.dims[2], 2)
-        self.backward_kernel(*self._ptrs(dS, self.dtable, self.dcoord), *self._args(g, a))
+        self.backward_kernel(*self._ptrs(dS, P, self.dtable, self.dcoord), *self._args(g, a))
 
     def grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
         Th, Tw = self.dims[5:7]
@@ -357,9 +423,42 @@ class _NativeBias:
 USE_NATIVE = True
 
 
+class _NoBias:
+    """Tiles without a position bias."""
+
+    def forward_tile(self, g, a, S, kt, qt, scratch):
+        return _shifted_exp(torch.bmm(kt.transpose(1, 2), qt, out=_flat(S)))
+
+    def probabilities(self, g, a, S, kt, qt, scratch):
+        torch.bmm(kt.transpose(1, 2), qt, out=_flat(S)).exp_()
+
+    def backward(self, g, a, dS, P, saved):
+        dS.mul_(P)
+
+    def grads(self):
+        return None, None
+
+
+def _flat(S: torch.Tensor) -> torch.Tensor:
+    """A tile ``(n, Mg, Ns, A, W)`` as the batch of matrices ``(n*Mg, Ns, A*W)``."""
+    n, Mg, Ns, A, W = S.shape
+    return S.view(n * Mg, Ns, A * W)
+
+
+def _shifted_exp(S3: torch.Tensor) -> torch.Tensor:
+    """``S3 = exp(S3 - m)`` with ``m`` the max over the keys (dim 1); returns ``m``."""
+    m = S3.amax(1, keepdim=True)
+    S3.sub_(m).exp_()
+    return m
+
+
 def _make_bias(pos, table, qy, qx, groups):
+    """The strategy for a call's tiles. Each has ``forward_tile`` (logits of ``kt^T qt`` plus
+    bias into ``S``, then ``exp(S - max)``; returns the max), ``probabilities`` (``S =
+    exp(kt^T qt + bias)``, the log-sum-exp riding on the operands; returns what ``backward``
+    needs), ``backward`` (``dS *= P``, then the bias gradients) and ``grads``."""
     if table is None:
-        return None
+        return _NoBias()
     if USE_NATIVE and table.device.type == 'cpu' and table.dtype in (torch.float32, torch.float64) \
             and pos.dtype == qy.dtype == qx.dtype == table.dtype and torch.isfinite(pos).all():
         lib = native_library()
@@ -411,19 +510,11 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         vv = torch.cat([v, v.new_ones(BM, 1, Ns)], 1).view(BG, Mg, d + 1, Ns)
         for g, a in tiles:
             n, A = g.stop - g.start, a.stop - a.start
-            size = n * Mg * Ns * A * W
-            S = buf[:size].view(n, Mg, Ns, A, W)
-            S3 = S.view(n * Mg, Ns, A * W)
+            S = buf[:n * Mg * Ns * A * W].view(n, Mg, Ns, A, W)
             qt = qv[g, :, :, a].reshape(n * Mg, d, A * W)
             kt = kv[g].reshape(n * Mg, d, Ns)
-            if bias is not None:
-                bias.write(g, a, S, buf2)
-                S3.baddbmm_(kt.transpose(1, 2), qt)
-            else:
-                torch.bmm(kt.transpose(1, 2), qt, out=S3)
-            m = S3.amax(1, keepdim=True)
-            S3.sub_(m).exp_()
-            o = torch.bmm(vv[g].reshape(n * Mg, d + 1, Ns), S3)
+            m = bias.forward_tile(g, a, S, kt, qt, buf2)
+            o = torch.bmm(vv[g].reshape(n * Mg, d + 1, Ns), _flat(S))
             l = o[:, d:]
             out.view(BG, Mg, d, H, W)[g, :, :, a] = (o[:, :d] / l).view(n, Mg, d, A, W)
             lse.view(BG, Mg, H, W)[g, :, a] = (m + l.log()).view(n, Mg, A, W)
@@ -461,24 +552,17 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
         n, A = g.stop - g.start, a.stop - a.start
         size = n * Mg * Ns * A * W
         S = buf[:size].view(n, Mg, Ns, A, W)
-        S3 = S.view(n * Mg, Ns, A * W)
         qt = qa[g, :, :, a].reshape(n * Mg, d + 1, A * W)
         kt = ka[g].reshape(n * Mg, d + 1, Ns)
         dot = doa[g, :, :, a].reshape(n * Mg, d + 1, A * W)
-        if bias is not None:
-            saved = bias.write(g, a, S, buf2)
-            S3.baddbmm_(kt.transpose(1, 2), qt)
-        else:
-            torch.bmm(kt.transpose(1, 2), qt, out=S3)
-        S3.exp_()  # P
-        dvv[g].view(n * Mg, d, Ns).baddbmm_(dot[:, :d], S3.transpose(1, 2))
+        saved = bias.probabilities(g, a, S, kt, qt, buf2)
+        dvv[g].view(n * Mg, d, Ns).baddbmm_(dot[:, :d], _flat(S).transpose(1, 2))
         dS = buf2[:size].view(n * Mg, Ns, A * W)
-        torch.bmm(va[g].reshape(n * Mg, d + 1, Ns).transpose(1, 2), dot, out=dS).mul_(S3)
+        torch.bmm(va[g].reshape(n * Mg, d + 1, Ns).transpose(1, 2), dot, out=dS)
+        bias.backward(g, a, dS.view(n, Mg, Ns, A, W), S, saved)
         dq.view(BG, Mg, d, H, W)[g, :, :, a] = torch.bmm(kt[:, :d], dS).view(n, Mg, d, A, W)
         dkv[g].view(n * Mg, d, Ns).baddbmm_(qt[:, :d], dS.transpose(1, 2))
-        if bias is not None:
-            bias.backward(g, a, dS.view(n, Mg, Ns, A, W), buf, saved)  # S is free now
-    dpos, dtable = bias.grads() if bias is not None else (None, None)
+    dpos, dtable = bias.grads()
     return dq, dk, dv, dpos, dtable
 
 
