@@ -15,6 +15,7 @@ from torch.nn.init import trunc_normal_
 from ..layers import (ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
                       WindowAttention)
 from ..layers.deformable_attention import FLAVORS, _pair
+from ..layers.residual_dwconv import residual_dwconv
 
 SPEC_LETTERS = {
     'L': 'window attention',
@@ -153,7 +154,7 @@ class DATBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
-            x = x + self.lpu(x)
+            x = residual_dwconv(x.permute(0, 2, 3, 1), self.lpu, gelu=False).permute(0, 3, 1, 2)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

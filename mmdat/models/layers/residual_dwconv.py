@@ -1,0 +1,183 @@
+"""``act(x + DWConv3x3(x))`` on a channels-last map: DAT++'s MLP middle (GELU) and its local
+perception unit (no activation).
+
+In PyTorch this is three ops, each with a fresh full-size output (conv, add, GELU) and as many
+again in the backward pass; the GELU also saves its input. On CPU the C kernels below do it in
+one pass over the map (forward) and two (backward), recomputing the pre-activation instead of
+storing it. Other devices, autocast and other dtypes use the PyTorch ops.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import native
+
+#: Rows (b, i) of x (B, H, W, Ch) in parallel; the 3x3 weights are stored tap-major, wt (9, Ch),
+#: so that every loop runs over contiguous channels.
+_C_KERNELS = r"""
+static inline scalar_t NAME(gelu)(scalar_t z) {
+    return (scalar_t)0.5 * z * ((scalar_t)1 + ERF(z * (scalar_t)0.70710678118654752));
+}
+
+static inline scalar_t NAME(gelu_grad)(scalar_t z) {
+    return (scalar_t)0.5 * ((scalar_t)1 + ERF(z * (scalar_t)0.70710678118654752))
+           + z * (scalar_t)0.39894228040143268 * EXP((scalar_t)-0.5 * z * z);
+}
+
+/* The 9 taps of position (i, j) of a map (H, W, Ch): p[k] points at (i + sign*di, j + sign*dj) for
+   k = (di + 1) * 3 + dj + 1, or at a row of zeros outside the map. */
+static inline void NAME(taps)(const scalar_t *m, const scalar_t *zeros, int H, int W, int Ch, int i, int j, int sign,
+                              const scalar_t **p) {
+    for (int di = -1; di <= 1; di++)
+        for (int dj = -1; dj <= 1; dj++) {
+            int y = i + sign * di, x = j + sign * dj;
+            p[(di + 1) * 3 + dj + 1] = (y >= 0 && y < H && x >= 0 && x < W) ? m + ((int64_t)y * W + x) * Ch : zeros;
+        }
+}
+
+/* out = base + bias + sum_k wt[k] * p[k]: all nine taps in one pass, the sum in registers */
+static inline void NAME(tap_sum)(const scalar_t **p, const scalar_t *wt, const scalar_t *base, const scalar_t *bias,
+                                 scalar_t *out, int Ch) {
+    const scalar_t *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3], *p4 = p[4], *p5 = p[5], *p6 = p[6], *p7 = p[7],
+                   *p8 = p[8];
+#pragma omp simd
+    for (int c = 0; c < Ch; c++)
+        out[c] = base[c] + bias[c] + wt[c] * p0[c] + wt[Ch + c] * p1[c] + wt[2 * Ch + c] * p2[c]
+                 + wt[3 * Ch + c] * p3[c] + wt[4 * Ch + c] * p4[c] + wt[5 * Ch + c] * p5[c]
+                 + wt[6 * Ch + c] * p6[c] + wt[7 * Ch + c] * p7[c] + wt[8 * Ch + c] * p8[c];
+}
+
+void NAME(residual_dwconv_forward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias, scalar_t *out,
+                                   int B, int H, int W, int Ch, int gelu, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
+        const scalar_t *p[9];
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
+            const scalar_t *xb = x + bi / H * H * W * Ch;
+            int i = (int)(bi % H);
+            for (int j = 0; j < W; j++) {
+                scalar_t *o = out + (bi * W + j) * Ch;
+                NAME(taps)(xb, zeros, H, W, Ch, i, j, 1, p);
+                NAME(tap_sum)(p, wt, xb + ((int64_t)i * W + j) * Ch, bias, o, Ch);
+                if (gelu) {
+#pragma omp simd
+                    for (int c = 0; c < Ch; c++) o[c] = NAME(gelu)(o[c]);
+                }
+            }
+        }
+        free(zeros);
+    }
+}
+
+/* gz (B, H, W, Ch): scratch for the gradient w.r.t. the pre-activation (unused without GELU);
+   dwt (nthreads, 9, Ch) and dbias (nthreads, Ch): per-thread accumulators. Tap k reads x at
+   p + o_k: it sends g[p] x[p + o_k] to w_k and g[p - o_k] to x[p]. */
+void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias,
+                                    const scalar_t *gout, scalar_t *gz, scalar_t *gx, scalar_t *dwt,
+                                    scalar_t *dbias, int B, int H, int W, int Ch, int gelu, int nthreads) {
+    const scalar_t *g = gelu ? gz : gout;
+#pragma omp parallel num_threads(nthreads)
+    {
+        scalar_t *dw = dwt + (int64_t)omp_get_thread_num() * 9 * Ch;
+        scalar_t *db = dbias + (int64_t)omp_get_thread_num() * Ch;
+        scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
+        const scalar_t *p[9];
+        if (gelu) {
+#pragma omp for schedule(static)
+            for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
+                const scalar_t *xb = x + bi / H * H * W * Ch;
+                int i = (int)(bi % H);
+                for (int j = 0; j < W; j++) {
+                    scalar_t *z = gz + (bi * W + j) * Ch;
+                    const scalar_t *go = gout + (bi * W + j) * Ch;
+                    NAME(taps)(xb, zeros, H, W, Ch, i, j, 1, p);
+                    NAME(tap_sum)(p, wt, xb + ((int64_t)i * W + j) * Ch, bias, z, Ch);
+#pragma omp simd
+                    for (int c = 0; c < Ch; c++) z[c] = go[c] * NAME(gelu_grad)(z[c]);
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
+            const scalar_t *gb = g + bi / H * H * W * Ch, *xb = x + bi / H * H * W * Ch;
+            int i = (int)(bi % H);
+            for (int j = 0; j < W; j++) {
+                const scalar_t *gc = gb + ((int64_t)i * W + j) * Ch;
+                NAME(taps)(gb, zeros, H, W, Ch, i, j, -1, p);
+                NAME(tap_sum)(p, wt, gc, zeros, gx + (bi * W + j) * Ch, Ch);
+                NAME(taps)(xb, zeros, H, W, Ch, i, j, 1, p);
+                for (int k = 0; k < 9; k++) {
+                    const scalar_t *xn = p[k];
+                    scalar_t *dk = dw + (int64_t)k * Ch;
+#pragma omp simd
+                    for (int c = 0; c < Ch; c++) dk[c] += gc[c] * xn[c];
+                }
+#pragma omp simd
+                for (int c = 0; c < Ch; c++) db[c] += gc[c];
+            }
+        }
+        free(zeros);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def native_library():
+    """The compiled kernels, or ``None`` (see :mod:`.native`)."""
+    return native.load('residual_dwconv', _C_KERNELS,
+                       {'residual_dwconv_forward': (4, 6), 'residual_dwconv_backward': (8, 6)})
+
+
+class _ResidualDWConvFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gelu):
+        B, H, W, Ch = x.shape
+        wt = weight.reshape(Ch, 9).t().contiguous()
+        out = torch.empty_like(x)
+        native.function(native_library(), 'residual_dwconv_forward', x.dtype)(
+            *native.pointers(x, wt, bias, out), B, H, W, Ch, int(gelu), torch.get_num_threads())
+        ctx.save_for_backward(x, wt, bias)
+        ctx.gelu = gelu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, wt, bias = ctx.saved_tensors
+        B, H, W, Ch = x.shape
+        threads = torch.get_num_threads()
+        grad_out = grad_out.contiguous()
+        gz = torch.empty_like(x) if ctx.gelu else grad_out
+        gx, dwt, dbias = torch.empty_like(x), x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
+        native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
+            *native.pointers(x, wt, bias, grad_out, gz, gx, dwt, dbias), B, H, W, Ch, int(ctx.gelu), threads)
+        return gx, dwt.sum(0).t().reshape(Ch, 1, 3, 3), dbias.sum(0), None
+
+
+def _use_native(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+            and conv.weight.dtype == x.dtype and conv.bias is not None
+            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting() and native_library() is not None)
+
+
+def residual_dwconv(x: torch.Tensor, conv: nn.Conv2d, gelu: bool) -> torch.Tensor:
+    """``act(x + conv(x))`` for a depth-wise 3x3 ``conv`` (padding 1, with bias).
+
+    Args:
+        x: ``B x H x W x Ch`` (channels last, as the Linear layers around it produce it).
+        conv: ``nn.Conv2d(Ch, Ch, 3, padding=1, groups=Ch)``; its weights keep their layout.
+        gelu: Apply the exact (erf) GELU; otherwise no activation.
+    Returns:
+        ``B x H x W x Ch``.
+    """
+    if _use_native(x, conv):
+        return _ResidualDWConvFunction.apply(x.contiguous(), conv.weight, conv.bias, gelu)
+    y = x.permute(0, 3, 1, 2)
+    y = y + conv(y)
+    return (F.gelu(y) if gelu else y).permute(0, 2, 3, 1)

@@ -1,0 +1,90 @@
+"""``act(x + DWConv3x3(x))``: the C kernels compute what the PyTorch ops compute."""
+import pytest
+import torch
+import torch.nn as nn
+
+from mmdat.models.backbones.dat import DATBlock
+from mmdat.models.layers import ConvMlp
+from mmdat.models.layers import residual_dwconv as module
+from mmdat.models.layers.residual_dwconv import residual_dwconv
+
+needs_native = pytest.mark.skipif(module.native_library() is None, reason='no C compiler')
+
+
+def _reference(x, conv, gelu):
+    y = x.permute(0, 3, 1, 2)
+    y = y + conv(y)
+    return (torch.nn.functional.gelu(y) if gelu else y).permute(0, 2, 3, 1)
+
+
+def _outputs_and_grads(fn, x, conv, gout):
+    x = x.detach().requires_grad_()
+    out = fn(x, conv)
+    return [out] + list(torch.autograd.grad((out * gout).sum(), (x, conv.weight, conv.bias)))
+
+
+@needs_native
+@pytest.mark.parametrize('shape', [(2, 5, 7, 6), (1, 1, 1, 3), (1, 1, 9, 4), (3, 8, 2, 17), (1, 13, 11, 64)])
+@pytest.mark.parametrize('gelu', [True, False], ids=['gelu', 'identity'])
+@pytest.mark.parametrize('threads', [1, 3])
+def test_native_matches_pytorch_float64(shape, gelu, threads):
+    """Output and the gradients w.r.t. input, weight and bias; maps of one row or column
+    (every tap at a border) and more threads than rows."""
+    gen = torch.Generator().manual_seed(0)
+    Ch = shape[-1]
+    conv = nn.Conv2d(Ch, Ch, 3, padding=1, groups=Ch).double()
+    x = torch.randn(shape, generator=gen, dtype=torch.double)
+    gout = torch.randn(shape, generator=gen, dtype=torch.double)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = _outputs_and_grads(lambda t, c: module._ResidualDWConvFunction.apply(t, c.weight, c.bias, gelu),
+                                  x, conv, gout)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(fast, _outputs_and_grads(lambda t, c: _reference(t, c, gelu), x, conv, gout)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@needs_native
+def test_native_float32_gelu_is_pytorchs():
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+    x = torch.randn(2, 9, 14, 32, generator=gen) * 3
+    gout = torch.randn(2, 9, 14, 32, generator=gen)
+    fast = _outputs_and_grads(lambda t, c: residual_dwconv(t, c, True), x, conv, gout)
+    ref = _outputs_and_grads(lambda t, c: _reference(t, c, True), x, conv, gout)
+    assert fast[0].dtype == torch.float32
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(b.abs().max().item(), 1.), rtol=0)
+
+
+@needs_native
+def test_conv_mlp_and_local_perception_run_the_kernels_on_cpu_unless_disabled(monkeypatch):
+    calls = []
+    real = module._ResidualDWConvFunction.apply
+    monkeypatch.setattr(module._ResidualDWConvFunction, 'apply', lambda *a: calls.append(a[3]) or real(*a))
+    torch.manual_seed(0)
+    block = DATBlock(nn.Identity(), 16, conv_mlp=True, local_perception=True)
+    x = torch.randn(2, 16, 6, 5)
+    native = block(x)
+    assert calls == [False, True]  # the LPU, then the MLP's GELU middle
+    monkeypatch.setenv('MMDAT_NATIVE_OPS', '0')
+    module.native_library.cache_clear()
+    try:
+        fallback = block(x)
+    finally:
+        module.native_library.cache_clear()
+    assert len(calls) == 2
+    torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
+
+
+def test_other_precisions_take_the_pytorch_path():
+    """bf16 autocast and non-float dtypes do not reach the kernels (they are float32 / float64)."""
+    mlp = ConvMlp(8, 32)
+    x = torch.randn(1, 8, 5, 4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not module._use_native(torch.randn(1, 5, 4, 32), mlp.dwconv)
+        out = mlp(x)
+    assert out.shape == x.shape
+    assert not module._use_native(torch.randn(1, 5, 4, 32).bfloat16(), mlp.dwconv)
