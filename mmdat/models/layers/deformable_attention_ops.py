@@ -32,6 +32,7 @@ Everything runs in float32 or float64 (inputs are cast to float32 under autocast
 import ctypes
 import functools
 import math
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -485,11 +486,27 @@ def _tiles(BG: int, per_group_row: int, H: int, target: int):
             yield slice(g, min(g + nbg, BG)), slice(a, a + 1)
 
 
+_workspace = threading.local()
+
+
 def _buffers(q: torch.Tensor, tiles, per_group_row: int, bias):
     """Two tile-sized scratch buffers, reused by all tiles (the second one twice the size
-    for the PyTorch bias, whose gather writes complex numbers)."""
+    for the PyTorch bias, whose gather writes complex numbers).
+
+    On CPU they are views of one workspace per thread and dtype, kept between calls and grown
+    when needed: fresh buffers of this size come from the OS on every call, and touching their
+    pages for the first time cost up to 1/6 of a stage-1 call here. (A call never runs inside
+    another one on the same thread, and nothing is saved from these buffers for backward.)
+    """
     numel = max((g.stop - g.start) * (a.stop - a.start) for g, a in tiles) * per_group_row
-    return q.new_empty(numel), q.new_empty((2 if isinstance(bias, _TorchBias) else 1) * numel)
+    sizes = (numel, (2 if isinstance(bias, _TorchBias) else 1) * numel)
+    if q.device.type != 'cpu':
+        return q.new_empty(sizes[0]), q.new_empty(sizes[1])
+    cache = _workspace.__dict__.setdefault('tensors', {})
+    work = cache.get(q.dtype)
+    if work is None or work.numel() < sum(sizes):
+        work = cache[q.dtype] = q.new_empty(sum(sizes))
+    return work[:sizes[0]], work[sizes[0]:sum(sizes)]
 
 
 class _DeformableAttentionFunction(torch.autograd.Function):
