@@ -3,8 +3,8 @@ perception unit (no activation).
 
 In PyTorch this is three ops, each with a fresh full-size output (conv, add, GELU) and as many
 again in the backward pass; the GELU also saves its input. On CPU the C kernels below do it in
-one pass over the map (forward) and two (backward), recomputing the pre-activation instead of
-storing it. Other devices, autocast and other dtypes use the PyTorch ops.
+one pass over the map, forward and backward, with one full-size output each; the backward
+recomputes the pre-activation instead of storing it. Other devices, autocast and other dtypes use the PyTorch ops.
 """
 import functools
 
@@ -26,14 +26,14 @@ static inline scalar_t NAME(gelu_grad)(scalar_t z) {
            + z * (scalar_t)0.39894228040143268 * EXP((scalar_t)-0.5 * z * z);
 }
 
-/* The 9 taps of position (i, j) of a map (H, W, Ch): p[k] points at (i + sign*di, j + sign*dj) for
-   k = (di + 1) * 3 + dj + 1, or at a row of zeros outside the map. */
-static inline void NAME(taps)(const scalar_t *m, const scalar_t *zeros, int H, int W, int Ch, int i, int j, int sign,
+/* The 9 taps of column j: p[k], k = (di + 1) * 3 + dj + 1, points at column j + sign * dj of
+   rows[di + 1] (NULL: a row outside the map), or at a row of zeros outside the map. */
+static inline void NAME(taps)(const scalar_t **rows, const scalar_t *zeros, int W, int Ch, int j, int sign,
                               const scalar_t **p) {
-    for (int di = -1; di <= 1; di++)
+    for (int di = 0; di < 3; di++)
         for (int dj = -1; dj <= 1; dj++) {
-            int y = i + sign * di, x = j + sign * dj;
-            p[(di + 1) * 3 + dj + 1] = (y >= 0 && y < H && x >= 0 && x < W) ? m + ((int64_t)y * W + x) * Ch : zeros;
+            int x = j + sign * dj;
+            p[di * 3 + dj + 1] = (rows[di] && x >= 0 && x < W) ? rows[di] + (int64_t)x * Ch : zeros;
         }
 }
 
@@ -49,67 +49,87 @@ static inline void NAME(tap_sum)(const scalar_t **p, const scalar_t *wt, const s
                  + wt[6 * Ch + c] * p6[c] + wt[7 * Ch + c] * p7[c] + wt[8 * Ch + c] * p8[c];
 }
 
+/* rows i - 1, i, i + 1 of one image m (H, W, Ch) */
+static inline void NAME(neighbour_rows)(const scalar_t *m, int H, int W, int Ch, int i, const scalar_t **rows) {
+    for (int di = -1; di <= 1; di++)
+        rows[di + 1] = (i + di >= 0 && i + di < H) ? m + (int64_t)(i + di) * W * Ch : NULL;
+}
+
+/* z = x + bias + dwconv(x) at row i of image xb, optionally followed by GELU */
+static void NAME(preactivation_row)(const scalar_t *xb, const scalar_t *wt, const scalar_t *bias,
+                                    const scalar_t *zeros, int H, int W, int Ch, int i, scalar_t *z) {
+    const scalar_t *rows[3], *p[9];
+    NAME(neighbour_rows)(xb, H, W, Ch, i, rows);
+    for (int j = 0; j < W; j++) {
+        NAME(taps)(rows, zeros, W, Ch, j, 1, p);
+        NAME(tap_sum)(p, wt, rows[1] + (int64_t)j * Ch, bias, z + (int64_t)j * Ch, Ch);
+    }
+}
+
 void NAME(residual_dwconv_forward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias, scalar_t *out,
                                    int B, int H, int W, int Ch, int gelu, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
-        const scalar_t *p[9];
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
-            const scalar_t *xb = x + bi / H * H * W * Ch;
-            int i = (int)(bi % H);
-            for (int j = 0; j < W; j++) {
-                scalar_t *o = out + (bi * W + j) * Ch;
-                NAME(taps)(xb, zeros, H, W, Ch, i, j, 1, p);
-                NAME(tap_sum)(p, wt, xb + ((int64_t)i * W + j) * Ch, bias, o, Ch);
-                if (gelu) {
+            scalar_t *o = out + bi * W * Ch;
+            NAME(preactivation_row)(x + bi / H * H * W * Ch, wt, bias, zeros, H, W, Ch, (int)(bi % H), o);
+            if (gelu) {
 #pragma omp simd
-                    for (int c = 0; c < Ch; c++) o[c] = NAME(gelu)(o[c]);
-                }
+                for (int64_t e = 0; e < (int64_t)W * Ch; e++) o[e] = NAME(gelu)(o[e]);
             }
         }
         free(zeros);
     }
 }
 
-/* gz (B, H, W, Ch): scratch for the gradient w.r.t. the pre-activation (unused without GELU);
-   dwt (nthreads, 9, Ch) and dbias (nthreads, Ch): per-thread accumulators. Tap k reads x at
-   p + o_k: it sends g[p] x[p + o_k] to w_k and g[p - o_k] to x[p]. */
+/* dwt (nthreads, 9, Ch) and dbias (nthreads, Ch): per-thread accumulators. Tap k reads x at
+   p + o_k: it sends g[p] x[p + o_k] to w_k and g[p - o_k] to x[p], g the gradient w.r.t. the
+   pre-activation. With GELU, each thread keeps the rows of g it needs in a ring of three,
+   recomputed from x (the rows next to its band twice), instead of a full-size buffer. */
 void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias,
-                                    const scalar_t *gout, scalar_t *gz, scalar_t *gx, scalar_t *dwt,
-                                    scalar_t *dbias, int B, int H, int W, int Ch, int gelu, int nthreads) {
-    const scalar_t *g = gelu ? gz : gout;
+                                    const scalar_t *gout, scalar_t *gx, scalar_t *dwt, scalar_t *dbias,
+                                    int B, int H, int W, int Ch, int gelu, int nthreads) {
+    int64_t row_len = (int64_t)W * Ch;
 #pragma omp parallel num_threads(nthreads)
     {
         scalar_t *dw = dwt + (int64_t)omp_get_thread_num() * 9 * Ch;
         scalar_t *db = dbias + (int64_t)omp_get_thread_num() * Ch;
         scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
-        const scalar_t *p[9];
-        if (gelu) {
-#pragma omp for schedule(static)
-            for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
-                const scalar_t *xb = x + bi / H * H * W * Ch;
-                int i = (int)(bi % H);
-                for (int j = 0; j < W; j++) {
-                    scalar_t *z = gz + (bi * W + j) * Ch;
-                    const scalar_t *go = gout + (bi * W + j) * Ch;
-                    NAME(taps)(xb, zeros, H, W, Ch, i, j, 1, p);
-                    NAME(tap_sum)(p, wt, xb + ((int64_t)i * W + j) * Ch, bias, z, Ch);
-#pragma omp simd
-                    for (int c = 0; c < Ch; c++) z[c] = go[c] * NAME(gelu_grad)(z[c]);
-                }
-            }
-        }
+        scalar_t *ring = gelu ? (scalar_t *)malloc(sizeof(scalar_t) * (size_t)(3 * row_len)) : NULL;
+        int64_t held[3] = {-1, -1, -1};
+        const scalar_t *xrows[3], *grows[3], *p[9];
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
-            const scalar_t *gb = g + bi / H * H * W * Ch, *xb = x + bi / H * H * W * Ch;
             int i = (int)(bi % H);
+            const scalar_t *xb = x + bi / H * H * row_len;
+            for (int di = -1; di <= 1; di++) {
+                const scalar_t *row = NULL;
+                if (i + di >= 0 && i + di < H) {
+                    int64_t r = bi + di;
+                    if (!gelu) {
+                        row = gout + r * row_len;
+                    } else {
+                        scalar_t *slot = ring + (r % 3) * row_len;
+                        if (held[r % 3] != r) {
+                            const scalar_t *go = gout + r * row_len;
+                            NAME(preactivation_row)(xb, wt, bias, zeros, H, W, Ch, i + di, slot);
+#pragma omp simd
+                            for (int64_t e = 0; e < row_len; e++) slot[e] = go[e] * NAME(gelu_grad)(slot[e]);
+                            held[r % 3] = r;
+                        }
+                        row = slot;
+                    }
+                }
+                grows[1 - di] = row;  /* the input gradient reads g at row i - di */
+            }
+            NAME(neighbour_rows)(xb, H, W, Ch, i, xrows);
             for (int j = 0; j < W; j++) {
-                const scalar_t *gc = gb + ((int64_t)i * W + j) * Ch;
-                NAME(taps)(gb, zeros, H, W, Ch, i, j, -1, p);
-                NAME(tap_sum)(p, wt, gc, zeros, gx + (bi * W + j) * Ch, Ch);
-                NAME(taps)(xb, zeros, H, W, Ch, i, j, 1, p);
+                const scalar_t *gc = grows[1] + (int64_t)j * Ch;
+                NAME(taps)(grows, zeros, W, Ch, j, -1, p);
+                NAME(tap_sum)(p, wt, gc, zeros, gx + bi * row_len + (int64_t)j * Ch, Ch);
+                NAME(taps)(xrows, zeros, W, Ch, j, 1, p);
                 for (int k = 0; k < 9; k++) {
                     const scalar_t *xn = p[k];
                     scalar_t *dk = dw + (int64_t)k * Ch;
@@ -120,6 +140,7 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
                 for (int c = 0; c < Ch; c++) db[c] += gc[c];
             }
         }
+        free(ring);
         free(zeros);
     }
 }
@@ -130,7 +151,7 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
 def native_library():
     """The compiled kernels, or ``None`` (see :mod:`.native`)."""
     return native.load('residual_dwconv', _C_KERNELS,
-                       {'residual_dwconv_forward': (4, 6), 'residual_dwconv_backward': (8, 6)})
+                       {'residual_dwconv_forward': (4, 6), 'residual_dwconv_backward': (7, 6)})
 
 
 class _ResidualDWConvFunction(torch.autograd.Function):
@@ -152,10 +173,9 @@ class _ResidualDWConvFunction(torch.autograd.Function):
         B, H, W, Ch = x.shape
         threads = torch.get_num_threads()
         grad_out = grad_out.contiguous()
-        gz = torch.empty_like(x) if ctx.gelu else grad_out
         gx, dwt, dbias = torch.empty_like(x), x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
         native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
-            *native.pointers(x, wt, bias, grad_out, gz, gx, dwt, dbias), B, H, W, Ch, int(ctx.gelu), threads)
+            *native.pointers(x, wt, bias, grad_out, gx, dwt, dbias), B, H, W, Ch, int(ctx.gelu), threads)
         return gx, dwt.sum(0).t().reshape(Ch, 1, 3, 3), dbias.sum(0), None
 
 
