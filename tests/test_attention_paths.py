@@ -181,6 +181,24 @@ def test_deformable_fast_path_keeps_no_logits():
     assert saved < 20 * C * H * W * 4 < logits / 10
 
 
+def test_cpu_workspace_survives_inference_mode():
+    """The tile workspace kept between calls: first created under inference mode, then
+    reused by a training step (and the other way round) in the same thread."""
+    ops._workspace.__dict__.pop('tensors', None)
+    module = _perturbed(DeformableAttention(32, 4, 2, 2, 3, -1, (5, 6), 'pp'))
+    x = torch.randn(1, 32, 9, 11)
+    with torch.inference_mode():
+        inferred = module(x)
+    x.requires_grad_()
+    trained = module(x)
+    trained.sum().backward()
+    with torch.inference_mode():
+        again = module(x)
+    torch.testing.assert_close(trained.detach(), inferred)
+    torch.testing.assert_close(again, inferred)
+    assert x.grad.abs().sum() > 0
+
+
 def test_native_kernels_build_here_and_can_be_disabled(monkeypatch, tmp_path):
     """Where a C compiler exists (as here) the CPU bias runs in C; MMDAT_NATIVE_OPS=0 opts out."""
     import shutil

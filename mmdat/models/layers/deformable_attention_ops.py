@@ -505,7 +505,8 @@ def _buffers(q: torch.Tensor, tiles, per_group_row: int, bias):
     cache = _workspace.__dict__.setdefault('tensors', {})
     work = cache.get(q.dtype)
     if work is None or work.numel() < sum(sizes):
-        work = cache[q.dtype] = q.new_empty(sum(sizes))
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            work = cache[q.dtype] = q.new_empty(sum(sizes))
     return work[:sizes[0]], work[sizes[0]:sum(sizes)]
 
 
