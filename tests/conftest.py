@@ -23,6 +23,22 @@ NANO_PP = dict(preset='pp-tiny', embed_dims=(32, 64, 128, 256), num_heads=(1, 2,
                stage_specs=('ND', 'ND', 'ND', 'DD'))
 
 
+def without_native_ops(monkeypatch, native_library, fn):
+    """``fn()`` with ``MMDAT_NATIVE_OPS=0``, the cached ``native_library`` rebuilt for it and
+    after it."""
+    previous = os.environ.get('MMDAT_NATIVE_OPS')
+    monkeypatch.setenv('MMDAT_NATIVE_OPS', '0')
+    native_library.cache_clear()
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            monkeypatch.delenv('MMDAT_NATIVE_OPS')
+        else:
+            monkeypatch.setenv('MMDAT_NATIVE_OPS', previous)
+        native_library.cache_clear()
+
+
 def fixtures_dir():
     """The parity fixtures folder: $MMDAT_PARITY_FIXTURES, else ../shared/fixtures/official."""
     return os.environ.get('MMDAT_PARITY_FIXTURES', DEFAULT_FIXTURES)

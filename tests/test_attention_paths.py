@@ -20,7 +20,7 @@ from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, n
                                                         neighborhood_attention_tiled)
 from mmdat.models.layers.window_attention import WindowAttention
 
-from conftest import NANO_PP, NANO_V1, fixtures_dir
+from conftest import NANO_PP, NANO_V1, fixtures_dir, without_native_ops
 
 
 NATIVE = ops.native_library() is not None
@@ -388,12 +388,7 @@ def test_neighborhood_module_runs_the_c_kernels_on_cpu_unless_disabled(monkeypat
     module = _perturbed(NeighborhoodAttention(16, 2, 7, use_natten=False))
     x = torch.randn(1, 16, 9, 9)
     native = module(x)
-    monkeypatch.setenv('MMDAT_NATIVE_OPS', '0')
-    na_module.native_library.cache_clear()
-    try:
-        tiled = module(x)
-    finally:
-        na_module.native_library.cache_clear()
+    tiled = without_native_ops(monkeypatch, na_module.native_library, lambda: module(x))
     assert calls == ['neighborhood_attention_native', 'neighborhood_attention_tiled']
     torch.testing.assert_close(native, tiled, atol=1e-5, rtol=1e-5)
 

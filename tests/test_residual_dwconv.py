@@ -8,6 +8,8 @@ from mmdat.models.layers import ConvMlp
 from mmdat.models.layers import residual_dwconv as module
 from mmdat.models.layers.residual_dwconv import residual_dwconv
 
+from conftest import without_native_ops
+
 needs_native = pytest.mark.skipif(module.native_library() is None, reason='no C compiler')
 
 
@@ -69,18 +71,14 @@ def test_conv_mlp_and_local_perception_run_the_kernels_on_cpu_unless_disabled(mo
     x = torch.randn(2, 16, 6, 5)
     native = block(x)
     assert calls == [False, True]  # the LPU, then the MLP's GELU middle
-    monkeypatch.setenv('MMDAT_NATIVE_OPS', '0')
-    module.native_library.cache_clear()
-    try:
-        fallback = block(x)
-    finally:
-        module.native_library.cache_clear()
+    fallback = without_native_ops(monkeypatch, module.native_library, lambda: block(x))
     assert len(calls) == 2
     torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
 
 
-def test_other_precisions_take_the_pytorch_path():
-    """bf16 autocast and non-float dtypes do not reach the kernels (they are float32 / float64)."""
+def test_other_inputs_take_the_pytorch_path():
+    """bf16 autocast, other dtypes and other convs do not reach the kernels (float32 / float64,
+    depth-wise 3x3 with zero padding and bias)."""
     mlp = ConvMlp(8, 32)
     x = torch.randn(1, 8, 5, 4)
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -88,3 +86,7 @@ def test_other_precisions_take_the_pytorch_path():
         out = mlp(x)
     assert out.shape == x.shape
     assert not module._use_native(torch.randn(1, 5, 4, 32).bfloat16(), mlp.dwconv)
+    wide = nn.Conv2d(32, 32, 5, padding=2, groups=32)
+    y = torch.randn(1, 5, 4, 32)
+    assert not module._use_native(y, wide)
+    torch.testing.assert_close(residual_dwconv(y, wide, True), _reference(y, wide, True))

@@ -4,7 +4,8 @@ perception unit (no activation).
 In PyTorch this is three ops, each with a fresh full-size output (conv, add, GELU) and as many
 again in the backward pass; the GELU also saves its input. On CPU the C kernels below do it in
 one pass over the map, forward and backward, with one full-size output each; the backward
-recomputes the pre-activation instead of storing it. Other devices, autocast and other dtypes use the PyTorch ops.
+recomputes the pre-activation instead of storing it. Other devices, autocast and other dtypes
+use the PyTorch ops.
 """
 import functools
 
@@ -180,8 +181,11 @@ class _ResidualDWConvFunction(torch.autograd.Function):
 
 
 def _use_native(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-            and conv.weight.dtype == x.dtype and conv.bias is not None
+    depthwise_3x3 = (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+                     and conv.dilation == (1, 1) and conv.padding_mode == 'zeros' and conv.bias is not None
+                     and conv.groups == conv.in_channels == conv.out_channels == x.shape[-1])
+    return (depthwise_3x3 and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+            and conv.weight.dtype == x.dtype
             and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()
             and not torch.jit.is_scripting() and native_library() is not None)
 
