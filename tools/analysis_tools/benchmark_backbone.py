@@ -24,7 +24,10 @@ Every case runs in a fresh subprocess, twice: ``fwd`` (eval mode, ``torch.no_gra
 and ``fwd+bwd`` (train mode; forward, sum of the outputs, backward). Time: the median
 (and min) wall-clock time of ``--repeats`` runs after ``--warmup`` runs; on CPU also the
 median process CPU time (``cpu s``: all threads; on a busy machine, with ``--threads 1``,
-the least disturbed measure of the work done). ``--rounds N`` runs the whole list N times,
+the least disturbed measure of the work done) and the median count of minor page faults per
+run (``faults k``, thousands): memory the allocator took fresh from the OS, whose first touch
+is system time, the largest source of run-to-run variation on a VM (each fault costs a few
+microseconds; the count varies between runs of the same code). ``--rounds N`` runs the whole list N times,
 interleaved, and reports each case over all its runs: on a machine whose speed drifts (a
 shared VM) the ratios then compare cases measured side by side. Peak memory:
 
@@ -103,6 +106,11 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
 
 
+def _minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _import(case):
     """Imports what the case needs, so that the baseline resident set includes them."""
     if case['kind'] == 'block':
@@ -173,14 +181,15 @@ def run_case(case) -> dict:
         step()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     for _ in range(case['repeats']):
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
         step()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        faults.append(_minor_faults() - faults_start)
     result = dict(case, time=statistics.median(times), time_min=min(times), times=times,
-                  cpu=statistics.median(cpu_times))
+                  cpu=statistics.median(cpu_times), faults=statistics.median(faults))
     if device.type == 'cuda':
         result['mem'] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -239,7 +248,8 @@ def _merge(runs):
         return runs[-1]
     times = [t for r in ok for t in r['times']]
     merged = dict(ok[0], times=times, time=statistics.median(times), time_min=min(times),
-                  cpu=statistics.median(r['cpu'] for r in ok), rounds=len(ok))
+                  cpu=statistics.median(r['cpu'] for r in ok), faults=statistics.median(r['faults'] for r in ok),
+                  rounds=len(ok))
     for key in ('mem', 'peak_rss', 'base_rss'):
         if key in ok[0]:
             merged[key] = max(r[key] for r in ok)
@@ -259,7 +269,7 @@ def report(results, device):
     mem_name = 'mem MB' if device != 'cuda' else 'cuda max MB'
     header = f'{"case":14s} {"input":9s} {"impl":9s} {"mode":12s} {"time s":>8s} {"min s":>8s} {mem_name:>11s}'
     if device != 'cuda':
-        header += f' {"peak RSS":>9s} {"cpu s":>8s}'
+        header += f' {"peak RSS":>9s} {"cpu s":>8s} {"faults k":>8s}'
     header += f'  {"t ratio":>7s} {"m ratio":>7s}' + ('' if device == 'cuda' else f' {"cpu rat":>7s}') + '  ratio of'
     print(header)
     print('-' * len(header))
@@ -276,7 +286,7 @@ def report(results, device):
             what = f'{name} / swin_t'
         line = f'{name:14s} {size:9s} {impl:9s} {mode:12s} {r["time"]:8.3f} {r["time_min"]:8.3f} {r["mem"]:11.0f}'
         if device != 'cuda':
-            line += f' {r["peak_rss"]:9.0f} {r["cpu"]:8.3f}'
+            line += f' {r["peak_rss"]:9.0f} {r["cpu"]:8.3f} {r["faults"] / 1000:8.1f}'
         if other is not None and other is not r and 'error' not in other:
             line += f'  {_fmt_ratio(r["time"], other["time"]):>7s} {_fmt_ratio(r["mem"], other["mem"]):>7s}'
             if device != 'cuda':
