@@ -27,9 +27,9 @@ median process CPU time (``cpu s``: all threads; on a busy machine, with ``--thr
 the least disturbed measure of the work done) and the median count of minor page faults per
 run (``faults k``, thousands): memory the allocator took fresh from the OS, whose first touch
 is system time, the largest source of run-to-run variation on a VM (each fault costs a few
-microseconds; the count varies between runs of the same code). ``--rounds N`` runs the whole list N times,
-interleaved, and reports each case over all its runs: on a machine whose speed drifts (a
-shared VM) the ratios then compare cases measured side by side. Peak memory:
+microseconds; the count varies between runs of the same code). ``--rounds N`` runs the
+whole list N times, interleaved, and reports each case over all its runs: on a machine whose
+speed drifts (a shared VM) the ratios then compare cases measured side by side. Peak memory:
 
 * CPU: the subprocess's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) at the
   end of the case, reported raw (``peak RSS``) and minus the resident set measured after

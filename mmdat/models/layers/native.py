@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -77,6 +77,13 @@ _FLAGS = (('-O3', '-march=native', '-fopenmp', *_MATH), ('-O3', '-fopenmp', *_MA
 
 def enabled() -> bool:
     return os.environ.get('MMDAT_NATIVE_OPS', '1') != '0'
+
+
+def usable(x: torch.Tensor, library: Callable[[], Optional[ctypes.CDLL]]) -> bool:
+    """Whether a kernel of ``library()`` (a module's cached loader) can run on ``x``: on CPU,
+    outside jit tracing and scripting (FLOP counters trace the PyTorch ops), once built."""
+    return (x.device.type == 'cpu' and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and library() is not None)
 
 
 def function(lib: ctypes.CDLL, name: str, dtype: torch.dtype):

@@ -476,11 +476,6 @@ class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
         return dqkv, dtable.sum(0), None, None, None
 
 
-def native_usable(x: torch.Tensor) -> bool:
-    """Whether the C kernels can run on ``x``'s device (CPU) here."""
-    return x.device.type == 'cpu' and native_library() is not None
-
-
 def neighborhood_attention_native(qkv: torch.Tensor, bias_table: torch.Tensor, num_heads: int, kernel_size: int,
                                   scale: float) -> torch.Tensor:
     """2D neighborhood attention by the C kernels, on the qkv projection's output as it is.
@@ -494,7 +489,7 @@ def neighborhood_attention_native(qkv: torch.Tensor, bias_table: torch.Tensor, n
         scale: Factor of the ``q . k`` products.
     Returns:
         ``B x H x W x (heads * d)``, as ``neighborhood_attention`` on ``q * scale, k, v``.
-        Needs ``native_usable(qkv)``; runs in float32 under autocast.
+        Needs ``native.usable(qkv, native_library)``; runs in float32 under autocast.
     """
     H, W = qkv.shape[1:3]
     if min(H, W) < kernel_size:
@@ -569,7 +564,7 @@ class NeighborhoodAttention(nn.Module):
         if self.attn_impl != 'fast' or torch.jit.is_tracing() or torch.jit.is_scripting() \
                 or (self.training and self.attn_drop.p > 0):
             return 'reference'
-        return 'native' if native_usable(self.qkv.weight) else 'tiled'
+        return 'native' if native.usable(self.qkv.weight, native_library) else 'tiled'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -184,10 +184,8 @@ def _use_native(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     depthwise_3x3 = (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
                      and conv.dilation == (1, 1) and conv.padding_mode == 'zeros' and conv.bias is not None
                      and conv.groups == conv.in_channels == conv.out_channels == x.shape[-1])
-    return (depthwise_3x3 and x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-            and conv.weight.dtype == x.dtype
-            and not torch.is_autocast_enabled('cpu') and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting() and native_library() is not None)
+    return (depthwise_3x3 and x.dtype in (torch.float32, torch.float64) and conv.weight.dtype == x.dtype
+            and not torch.is_autocast_enabled('cpu') and native.usable(x, native_library))
 
 
 def residual_dwconv(x: torch.Tensor, conv: nn.Conv2d, gelu: bool) -> torch.Tensor:

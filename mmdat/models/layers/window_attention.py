@@ -305,9 +305,8 @@ class WindowAttention(nn.Module):
         return differs.float() * -100.0  # nW x N x N
 
     def _use_native(self, x: torch.Tensor) -> bool:
-        return (self.attn_impl == 'fast' and x.device.type == 'cpu' and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting() and not (self.training and self.attn_drop.p > 0)
-                and native_library() is not None)
+        return (self.attn_impl == 'fast' and not (self.training and self.attn_drop.p > 0)
+                and native.usable(x, native_library))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
