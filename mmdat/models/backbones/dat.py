@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmcv.cnn.bricks import DropPath
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
@@ -15,6 +14,7 @@ from torch.nn.init import trunc_normal_
 from ..layers import (ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
                       WindowAttention)
 from ..layers.deformable_attention import FLAVORS, _pair
+from ..layers.drop_path import DropPathResidual
 from ..layers.residual_dwconv import residual_dwconv
 
 SPEC_LETTERS = {
@@ -149,14 +149,14 @@ class DATBlock(nn.Module):
         self.attn = attn
         self.norm2 = LayerNorm2d(embed_dims)
         self.mlp = (ConvMlp if conv_mlp else Mlp)(embed_dims, int(embed_dims * mlp_ratio), drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.residual = DropPathResidual(drop_path)
         self.with_cp = with_cp
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
             x = residual_dwconv(x.permute(0, 2, 3, 1), self.lpu, gelu=False).permute(0, 3, 1, 2)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.residual(x, self.attn(self.norm1(x)))
+        return self.residual(x, self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and self.training and x.requires_grad:
