@@ -2,7 +2,8 @@
 
 Each kernel source is written once over ``scalar_t`` and compiled for ``float`` (suffix
 ``_f32``) and ``double`` (``_f64``); ``EXP``, ``LOG`` and ``ERF`` are the matching exponential
-(``exp_f32`` below for float), libm logarithm and error function (``erf_f32`` for float). A
+(``exp_f32`` below for float), libm logarithm and error function (``erf_f32`` for float);
+``ERF_GIVEN_EXP(x, e)`` is ``erf(x)`` given ``e = exp(-x * x)`` (float reuses ``e``). A
 library is built once per source, compiler and CPU with the system's C compiler (OpenMP when
 available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``).
 ``MMDAT_NATIVE_OPS=0`` disables every kernel; callers then use their PyTorch paths.
@@ -54,20 +55,24 @@ static inline float exp_f32(float x) {
     return p * two_n;
 }
 /* erf in float32 that compilers vectorize: Abramowitz & Stegun 7.1.26 (absolute error below
-   1.5e-7), the formula of PyTorch's own vectorized erf. */
-static inline float erf_f32(float x) {
+   1.5e-7), the formula of PyTorch's own vectorized erf. The _given_exp forms take
+   e = exp(-x * x), which GELU's gradient needs as well. */
+static inline float erf_given_exp_f32(float x, float e) {
     float ax = fabsf(x), t = 1.0f / (1.0f + 0.3275911f * ax);
     float p = 1.061405429f;
     p = p * t - 1.453152027f;
     p = p * t + 1.421413741f;
     p = p * t - 0.284496736f;
     p = p * t + 0.254829592f;
-    float r = 1.0f - p * t * exp_f32(-ax * ax);
+    float r = 1.0f - p * t * e;
     return x < 0 ? -r : r;
 }
+static inline float erf_f32(float x) { return erf_given_exp_f32(x, exp_f32(-x * x)); }
+static inline double erf_given_exp_f64(double x, double e) { (void)e; return erf(x); }
 """
 
-_TYPES = (('float', 'f32', 'exp_f32', 'logf', 'erf_f32'), ('double', 'f64', 'exp', 'log', 'erf'))
+_TYPES = (('float', 'f32', 'exp_f32', 'logf', 'erf_f32', 'erf_given_exp_f32'),
+          ('double', 'f64', 'exp', 'log', 'erf', 'erf_given_exp_f64'))
 
 #: Compiler flags to try, best first. PyTorch's own: without -fno-trapping-math GCC does not
 #: vectorize floorf, hence exp_f32 and every softmax loop.
@@ -97,9 +102,10 @@ def pointers(*tensors: torch.Tensor) -> List[int]:
 
 def _source(kernels: str) -> str:
     parts = [_HEADER]
-    for scalar, suffix, exp, log, erf in _TYPES:
+    for scalar, suffix, exp, log, erf, erf_given_exp in _TYPES:
         parts += [f'#define scalar_t {scalar}\n#define SUFFIX {suffix}\n#define EXP {exp}\n#define LOG {log}\n'
-                  f'#define ERF {erf}\n', kernels, '#undef scalar_t\n#undef SUFFIX\n#undef EXP\n#undef LOG\n#undef ERF\n']
+                  f'#define ERF {erf}\n#define ERF_GIVEN_EXP {erf_given_exp}\n', kernels,
+                  '#undef scalar_t\n#undef SUFFIX\n#undef EXP\n#undef LOG\n#undef ERF\n#undef ERF_GIVEN_EXP\n']
     return '\n'.join(parts)
 
 

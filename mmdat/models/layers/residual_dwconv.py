@@ -23,8 +23,8 @@ static inline scalar_t NAME(gelu)(scalar_t z) {
 }
 
 static inline scalar_t NAME(gelu_grad)(scalar_t z) {
-    return (scalar_t)0.5 * ((scalar_t)1 + ERF(z * (scalar_t)0.70710678118654752))
-           + z * (scalar_t)0.39894228040143268 * EXP((scalar_t)-0.5 * z * z);
+    scalar_t u = z * (scalar_t)0.70710678118654752, e = EXP(-u * u);
+    return (scalar_t)0.5 * ((scalar_t)1 + ERF_GIVEN_EXP(u, e)) + z * (scalar_t)0.39894228040143268 * e;
 }
 
 /* The 9 taps of column j: p[k], k = (di + 1) * 3 + dj + 1, points at column j + sign * dj of
@@ -85,6 +85,39 @@ void NAME(residual_dwconv_forward)(const scalar_t *x, const scalar_t *wt, const 
     }
 }
 
+/* dw[k] += sum_j g[j] x[j + o_k] and db += sum_j g[j] along one row, for channels [c0, c0 + n):
+   the ten sums stay in registers over the row instead of going through dw at every column */
+#define WGRAD_BLOCK 16
+static inline void NAME(weight_grad_block)(const scalar_t **xrows, const scalar_t *g, int W, int Ch, int c0,
+                                           int n, scalar_t *dw, scalar_t *db) {
+    scalar_t acc[10][WGRAD_BLOCK];
+    for (int k = 0; k < 10; k++)
+        for (int c = 0; c < WGRAD_BLOCK; c++) acc[k][c] = 0;
+    for (int j = 0; j < W; j++) {
+        const scalar_t *gc = g + (int64_t)j * Ch + c0;
+#pragma GCC unroll 3
+        for (int di = 0; di < 3; di++) {
+            if (!xrows[di]) continue;
+#pragma GCC unroll 3
+            for (int dj = -1; dj <= 1; dj++) {
+                if (j + dj < 0 || j + dj >= W) continue;
+                const scalar_t *xn = xrows[di] + (int64_t)(j + dj) * Ch + c0;
+                scalar_t *a = acc[di * 3 + dj + 1];
+                if (n == WGRAD_BLOCK) {
+#pragma omp simd
+                    for (int c = 0; c < WGRAD_BLOCK; c++) a[c] += gc[c] * xn[c];
+                } else {
+                    for (int c = 0; c < n; c++) a[c] += gc[c] * xn[c];
+                }
+            }
+        }
+        for (int c = 0; c < n; c++) acc[9][c] += gc[c];
+    }
+    for (int k = 0; k < 9; k++)
+        for (int c = 0; c < n; c++) dw[(int64_t)k * Ch + c0 + c] += acc[k][c];
+    for (int c = 0; c < n; c++) db[c0 + c] += acc[9][c];
+}
+
 /* dwt (nthreads, 9, Ch) and dbias (nthreads, Ch): per-thread accumulators. Tap k reads x at
    p + o_k: it sends g[p] x[p + o_k] to w_k and g[p - o_k] to x[p], g the gradient w.r.t. the
    pre-activation. With GELU, each thread keeps the rows of g it needs in a ring of three,
@@ -127,19 +160,13 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
             }
             NAME(neighbour_rows)(xb, H, W, Ch, i, xrows);
             for (int j = 0; j < W; j++) {
-                const scalar_t *gc = grows[1] + (int64_t)j * Ch;
                 NAME(taps)(grows, zeros, W, Ch, j, -1, p);
-                NAME(tap_sum)(p, wt, gc, zeros, gx + bi * row_len + (int64_t)j * Ch, Ch);
-                NAME(taps)(xrows, zeros, W, Ch, j, 1, p);
-                for (int k = 0; k < 9; k++) {
-                    const scalar_t *xn = p[k];
-                    scalar_t *dk = dw + (int64_t)k * Ch;
-#pragma omp simd
-                    for (int c = 0; c < Ch; c++) dk[c] += gc[c] * xn[c];
-                }
-#pragma omp simd
-                for (int c = 0; c < Ch; c++) db[c] += gc[c];
+                NAME(tap_sum)(p, wt, grows[1] + (int64_t)j * Ch, zeros, gx + bi * row_len + (int64_t)j * Ch, Ch);
             }
+            int c0 = 0;
+            for (; c0 + WGRAD_BLOCK <= Ch; c0 += WGRAD_BLOCK)
+                NAME(weight_grad_block)(xrows, grows[1], W, Ch, c0, WGRAD_BLOCK, dw, db);
+            if (c0 < Ch) NAME(weight_grad_block)(xrows, grows[1], W, Ch, c0, Ch - c0, dw, db);
         }
         free(ring);
         free(zeros);
