@@ -76,6 +76,18 @@ class OffsetNetwork(nn.Module):
         return self.proj(self.act(self.norm(self.dwconv(x.contiguous(memory_format=torch.channels_last)))))
 
 
+def _conv1x1(conv: nn.Conv2d, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A 1x1 conv as one batched matmul that reads ``x`` in either memory format and writes
+    NCHW (the head-major layout of the attention tiles) or channels-last (the layout of the
+    blocks around it): no layout copy on either side, and on CPU faster than the conv."""
+    B, C, H, W = x.shape
+    rows, weight = x.flatten(2), conv.weight.flatten(1)  # rows: (B, C, HW), any strides
+    if channels_last:
+        out = torch.baddbmm(conv.bias.view(1, 1, -1), rows.transpose(1, 2), weight.t().expand(B, -1, -1))
+        return out.view(B, H, W, -1).permute(0, 3, 1, 2)
+    return torch.baddbmm(conv.bias.view(1, -1, 1), weight.expand(B, -1, -1), rows).view(B, -1, H, W)
+
+
 class DeformableAttention(nn.Module):
     """Deformable multi-head attention (spec letter ``D``) of DAT and DAT++.
 
@@ -175,7 +187,8 @@ class DeformableAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         G, M = self.groups, self.num_heads
-        q = self.q(x)
+        fast = self._use_fast_path()
+        q = _conv1x1(self.q, x, channels_last=False) if fast else self.q(x)
         offset = self.offset(q.reshape(B * G, C // G, H, W))
         if torch.is_autocast_enabled(x.device.type):  # sampling positions in float32
             offset = offset.float()
@@ -187,19 +200,18 @@ class DeformableAttention(nn.Module):
                                 align_corners=True).reshape(B, C, 1, Ns)
         k = self.k(sampled).reshape(B * M, self.head_dims, Ns)
         v = self.v(sampled).reshape(B * M, self.head_dims, Ns)
-        if self._use_fast_path():
+        if fast:
             qy = _axis_grid(H, False, self.flavor, x.device, pos.dtype)
             qx = _axis_grid(W, False, self.flavor, x.device, pos.dtype)
             out = ops.deformable_attention((q * self.scale).reshape(B * M, self.head_dims, H, W), k, v,
                                            pos.reshape(B * G, Ns, 2), self.relative_position_table, qy, qx, G)
-            out = out.reshape(B, C, H, W)
-        else:
-            q = q.reshape(B * M, self.head_dims, H * W)
-            attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
-            if self.relative_position_table is not None:
-                attn = attn + self.position_bias(pos, H, W)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
+            return self.proj_drop(_conv1x1(self.proj, out.reshape(B, C, H, W), channels_last=True))
+        q = q.reshape(B * M, self.head_dims, H * W)
+        attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
+        if self.relative_position_table is not None:
+            attn = attn + self.position_bias(pos, H, W)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
         # a 1x1 conv on a channels-last map runs several times faster on CPU than on NCHW
         return self.proj_drop(self.proj(out.contiguous(memory_format=torch.channels_last)))
 
