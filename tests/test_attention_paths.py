@@ -11,6 +11,7 @@ import mmdat  # noqa: F401
 from mmdat.models.backbones import DAT
 from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_arch
 from mmdat.models.layers import deformable_attention_ops as ops
+from mmdat.models.layers import native
 from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
                                                       deformable_attention_impl)
 from mmdat.models.layers import neighborhood_attention as na_module
@@ -184,7 +185,7 @@ def test_deformable_fast_path_keeps_no_logits():
 def test_cpu_workspace_survives_inference_mode():
     """The tile workspace kept between calls: first created under inference mode, then
     reused by a training step (and the other way round) in the same thread."""
-    ops._workspace.__dict__.pop('tensors', None)
+    native._workspaces.__dict__.pop('tensors', None)
     module = _perturbed(DeformableAttention(32, 4, 2, 2, 3, -1, (5, 6), 'pp'))
     x = torch.randn(1, 32, 9, 11)
     with torch.inference_mode():

@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from mmdat.models.backbones.dat import DATBlock
 from mmdat.models.layers import ConvMlp
+from mmdat.models.layers import mlp as mlp_module
 from mmdat.models.layers import residual_dwconv as module
 from mmdat.models.layers.residual_dwconv import residual_dwconv
 
@@ -64,8 +65,8 @@ def test_native_float32_gelu_is_pytorchs():
 @needs_native
 def test_conv_mlp_and_local_perception_run_the_kernels_on_cpu_unless_disabled(monkeypatch):
     calls = []
-    real = module._ResidualDWConvFunction.apply
-    monkeypatch.setattr(module._ResidualDWConvFunction, 'apply', lambda *a: calls.append(a[3]) or real(*a))
+    real = module.kernel_forward
+    monkeypatch.setattr(module, 'kernel_forward', lambda *a: calls.append(a[3]) or real(*a))
     torch.manual_seed(0)
     block = DATBlock(nn.Identity(), 16, conv_mlp=True, local_perception=True)
     x = torch.randn(2, 16, 6, 5)
@@ -82,11 +83,67 @@ def test_other_inputs_take_the_pytorch_path():
     mlp = ConvMlp(8, 32)
     x = torch.randn(1, 8, 5, 4)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not module._use_native(torch.randn(1, 5, 4, 32), mlp.dwconv)
+        assert not module.kernel_applies(torch.randn(1, 5, 4, 32), mlp.dwconv)
         out = mlp(x)
     assert out.shape == x.shape
-    assert not module._use_native(torch.randn(1, 5, 4, 32).bfloat16(), mlp.dwconv)
+    assert not module.kernel_applies(torch.randn(1, 5, 4, 32).bfloat16(), mlp.dwconv)
     wide = nn.Conv2d(32, 32, 5, padding=2, groups=32)
     y = torch.randn(1, 5, 4, 32)
-    assert not module._use_native(y, wide)
+    assert not module.kernel_applies(y, wide)
     torch.testing.assert_close(residual_dwconv(y, wide, True), _reference(y, wide, True))
+
+
+def _mlp_outputs_and_grads(mlp, x, gout):
+    x = x.detach().requires_grad_()
+    out = mlp(x)
+    params = [p for _, p in sorted(mlp.named_parameters())]
+    return [out] + list(torch.autograd.grad((out * gout).sum(), [x] + params))
+
+
+@needs_native
+def test_conv_mlp_node_matches_the_pytorch_ops_float64(monkeypatch):
+    """The one-node MLP (GELU output recomputed, backward in the kept workspace): output and
+    gradients w.r.t. the input and all six parameters, on a map and then a smaller one (the
+    workspace is reused, and no returned gradient shares it)."""
+    gen = torch.Generator().manual_seed(0)
+    mlp = ConvMlp(8, 24).double()
+    for p in mlp.parameters():
+        p.data.normal_(generator=gen)
+    for shape in [(2, 8, 7, 9), (1, 8, 3, 4)]:
+        x = torch.randn(shape, generator=gen, dtype=torch.double)
+        gout = torch.randn(shape, generator=gen, dtype=torch.double)
+        fast = _mlp_outputs_and_grads(mlp, x, gout)
+        again = _mlp_outputs_and_grads(mlp, x, gout)
+        ref = without_native_ops(monkeypatch, module.native_library, lambda: _mlp_outputs_and_grads(mlp, x, gout))
+        assert len(fast) == 8
+        for a, b, c in zip(fast, again, ref):
+            torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-10)
+            assert torch.equal(a, b)
+
+
+@needs_native
+def test_conv_mlp_keeps_only_the_hidden_layer(monkeypatch):
+    """What the MLP saves for backward: one hidden-size tensor (the PyTorch ops keep three)."""
+    mlp = ConvMlp(8, 32)
+    x = torch.randn(1, 8, 6, 5, requires_grad=True)
+    hidden_numel = 32 * 6 * 5
+
+    def saved_hidden_tensors():
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            mlp(x)
+        return sum(n == hidden_numel for n in sizes)
+
+    assert saved_hidden_tensors() == 1
+    assert without_native_ops(monkeypatch, module.native_library, saved_hidden_tensors) >= 2
+
+
+@needs_native
+def test_conv_mlp_with_active_dropout_takes_the_pytorch_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mlp_module._ConvMlpFunction, 'apply', lambda *a: calls.append(1) or a[0])
+    mlp = ConvMlp(8, 16, drop=0.5)
+    x = torch.randn(1, 8, 4, 4)
+    assert mlp(x).shape == x.shape and not calls
+    mlp.eval()(x)
+    assert calls == [1]

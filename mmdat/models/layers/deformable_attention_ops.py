@@ -32,7 +32,6 @@ Everything runs in float32 or float64 (inputs are cast to float32 under autocast
 import ctypes
 import functools
 import math
-import threading
 from typing import Optional, Tuple
 
 import torch
@@ -486,28 +485,20 @@ def _tiles(BG: int, per_group_row: int, H: int, target: int):
             yield slice(g, min(g + nbg, BG)), slice(a, a + 1)
 
 
-_workspace = threading.local()
-
-
 def _buffers(q: torch.Tensor, tiles, per_group_row: int, bias):
     """Two tile-sized scratch buffers, reused by all tiles (the second one twice the size
     for the PyTorch bias, whose gather writes complex numbers).
 
-    On CPU they are views of one workspace per thread and dtype, kept between calls and grown
-    when needed: fresh buffers of this size come from the OS on every call, page by page (a
-    DAT-T++ stage-1 block touched 148 MB of fresh pages per training step, 99 MB with the
-    workspace). A call never runs inside another one on the same thread, and nothing is saved
-    from these buffers for backward.
+    On CPU they are views of a kept :func:`.native.workspace`: a DAT-T++ stage-1 block touched
+    148 MB of fresh pages per training step with fresh buffers, 99 MB with the workspace. A
+    call never runs inside another one on the same thread, and nothing is saved from these
+    buffers for backward.
     """
     numel = max((g.stop - g.start) * (a.stop - a.start) for g, a in tiles) * per_group_row
     sizes = (numel, (2 if isinstance(bias, _TorchBias) else 1) * numel)
     if q.device.type != 'cpu':
         return q.new_empty(sizes[0]), q.new_empty(sizes[1])
-    cache = _workspace.__dict__.setdefault('tensors', {})
-    work = cache.get(q.dtype)
-    if work is None or work.numel() < sum(sizes):
-        with torch.inference_mode(False):  # usable in and out of inference mode
-            work = cache[q.dtype] = q.new_empty(sum(sizes))
+    work = native.workspace('deformable_attention', sum(sizes), q.dtype)
     return work[:sizes[0]], work[sizes[0]:sum(sizes)]
 
 

@@ -2,7 +2,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .residual_dwconv import residual_dwconv
+from . import native
+from . import residual_dwconv as rdw
 
 
 class Mlp(nn.Module):
@@ -48,7 +49,54 @@ class ConvMlp(nn.Module):
         # The 1x1 convs run as matmuls over channels-last positions, and the depth-wise conv
         # on a channels-last map: on CPU both are 2-4x faster than NCHW convs (the weights
         # keep the official conv layout).
-        x = F.linear(x.permute(0, 2, 3, 1), self.fc1.weight.flatten(1), self.fc1.bias)
-        x = residual_dwconv(self.drop(x), self.dwconv, gelu=True)
-        x = F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias)
-        return self.drop(x).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)
+        w1, w2 = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
+        if rdw.kernel_applies(x, self.dwconv) and not (self.training and self.drop.p > 0):
+            x = _ConvMlpFunction.apply(x.contiguous(), w1, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+                                       w2, self.fc2.bias)
+        else:
+            x = rdw.residual_dwconv(self.drop(F.linear(x, w1, self.fc1.bias)), self.dwconv, gelu=True)
+            x = self.drop(F.linear(x, w2, self.fc2.bias))
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvMlpFunction(torch.autograd.Function):
+    """``ConvMlp`` without dropout by the residual_dwconv C kernels, as one autograd node, on
+    ``B x H x W x C`` rows. Only the first 1x1 conv's output is kept for the backward pass:
+    the GELU output is recomputed there (one kernel pass), and it and the two hidden-size
+    gradients live in a kept :func:`.native.workspace`. That halves what the MLP keeps (the
+    hidden layer is 4x the block's width), and fresh hidden-size tensors cost more here than
+    the recomputation: the OS maps them anew, page by page, on every call."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, dw_weight, dw_bias, w2, b2):
+        B, H, W, C = x.shape
+        rows = x.view(-1, C)
+        hidden = torch.addmm(b1, rows, w1.t()).view(B, H, W, -1)
+        wt = rdw.tap_major(dw_weight)
+        act = _scratch(hidden)[0]
+        rdw.kernel_forward(hidden, wt, dw_bias, True, act)
+        ctx.save_for_backward(rows, w1, hidden, wt, dw_bias, w2)
+        return torch.addmm(b2, act.view(-1, act.shape[-1]), w2.t()).view(B, H, W, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, w1, hidden, wt, dw_bias, w2 = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        act, grad_act = _scratch(hidden)
+        rdw.kernel_forward(hidden, wt, dw_bias, True, act)
+        grad_w2, grad_b2 = grad_out.t().mm(act.view(-1, act.shape[-1])), grad_out.sum(0)
+        torch.mm(grad_out, w2, out=grad_act.view(-1, w2.shape[1]))
+        grad_hidden = act  # the GELU output is no longer needed
+        grad_dw_weight, grad_dw_bias = rdw.kernel_backward(hidden, wt, dw_bias, True, grad_act, grad_hidden)
+        grad_hidden = grad_hidden.view(-1, w1.shape[0])
+        grad_w1, grad_b1 = grad_hidden.t().mm(rows), grad_hidden.sum(0)
+        grad_x = grad_hidden.mm(w1).view(hidden.shape[:3] + (-1, ))
+        return grad_x, grad_w1, grad_b1, grad_dw_weight, grad_dw_bias, grad_w2, grad_b2
+
+
+def _scratch(hidden: torch.Tensor):
+    """Two hidden-sized buffers of the kept workspace."""
+    n = hidden.numel()
+    work = native.workspace('conv_mlp', 2 * n, hidden.dtype)
+    return work[:n].view_as(hidden), work[n:2 * n].view_as(hidden)

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -98,6 +99,26 @@ def function(lib: ctypes.CDLL, name: str, dtype: torch.dtype):
 
 def pointers(*tensors: torch.Tensor) -> List[int]:
     return [t.data_ptr() for t in tensors]
+
+
+_workspaces = threading.local()
+
+
+def workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat CPU scratch tensor of at least ``numel`` elements, kept between calls per thread,
+    ``name`` and dtype, and grown when needed.
+
+    Fresh buffers of tens of MB come from the OS on every call, page by page (glibc maps
+    blocks above 32 MB anew each time), which on a busy CPU costs as much as the arithmetic
+    around them. Callers use the buffer within one call and return nothing that views it.
+    """
+    cache = _workspaces.__dict__.setdefault('tensors', {})
+    work = cache.get((name, dtype))
+    if work is None or work.numel() < numel:
+        cache[(name, dtype)] = None  # free the old one before allocating the larger one
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            work = cache[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return work
 
 
 def _source(kernels: str) -> str:

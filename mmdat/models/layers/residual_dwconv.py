@@ -8,6 +8,7 @@ recomputes the pre-activation instead of storing it. Other devices, autocast and
 use the PyTorch ops.
 """
 import functools
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -182,15 +183,38 @@ def native_library():
                        {'residual_dwconv_forward': (4, 6), 'residual_dwconv_backward': (7, 6)})
 
 
+def tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """A depth-wise 3x3 conv's ``(Ch, 1, 3, 3)`` weights as the kernels take them, ``(9, Ch)``."""
+    return weight.reshape(weight.shape[0], 9).t().contiguous()
+
+
+def kernel_forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, out: torch.Tensor):
+    """``out = act(x + DWConv3x3(x))`` by the C kernel; ``x``, ``out``: contiguous ``B x H x W x Ch``,
+    ``wt``: :func:`tap_major` weights."""
+    B, H, W, Ch = x.shape
+    native.function(native_library(), 'residual_dwconv_forward', x.dtype)(
+        *native.pointers(x, wt, bias, out), B, H, W, Ch, int(gelu), torch.get_num_threads())
+
+
+def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, grad_out: torch.Tensor,
+                    grad_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Writes the gradient w.r.t. ``x`` into ``grad_x`` (all contiguous ``B x H x W x Ch``) and
+    returns those w.r.t. the conv's weight ``(Ch, 1, 3, 3)`` and bias."""
+    B, H, W, Ch = x.shape
+    threads = torch.get_num_threads()
+    dwt, dbias = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
+    native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
+        *native.pointers(x, wt, bias, grad_out, grad_x, dwt, dbias), B, H, W, Ch, int(gelu), threads)
+    return dwt.sum(0).t().reshape(Ch, 1, 3, 3), dbias.sum(0)
+
+
 class _ResidualDWConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gelu):
-        B, H, W, Ch = x.shape
-        wt = weight.reshape(Ch, 9).t().contiguous()
+        wt = tap_major(weight)
         out = torch.empty_like(x)
-        native.function(native_library(), 'residual_dwconv_forward', x.dtype)(
-            *native.pointers(x, wt, bias, out), B, H, W, Ch, int(gelu), torch.get_num_threads())
+        kernel_forward(x, wt, bias, gelu, out)
         ctx.save_for_backward(x, wt, bias)
         ctx.gelu = gelu
         return out
@@ -198,19 +222,17 @@ class _ResidualDWConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, wt, bias = ctx.saved_tensors
-        B, H, W, Ch = x.shape
-        threads = torch.get_num_threads()
-        grad_out = grad_out.contiguous()
-        gx, dwt, dbias = torch.empty_like(x), x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
-        native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
-            *native.pointers(x, wt, bias, grad_out, gx, dwt, dbias), B, H, W, Ch, int(ctx.gelu), threads)
-        return gx, dwt.sum(0).t().reshape(Ch, 1, 3, 3), dbias.sum(0), None
+        gx = torch.empty_like(x)
+        dweight, dbias = kernel_backward(x, wt, bias, ctx.gelu, grad_out.contiguous(), gx)
+        return gx, dweight, dbias, None
 
 
-def _use_native(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+def kernel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the C kernels can run ``conv`` (depth-wise 3x3, zero padding 1, bias) on
+    ``x``'s device and dtype."""
     depthwise_3x3 = (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
                      and conv.dilation == (1, 1) and conv.padding_mode == 'zeros' and conv.bias is not None
-                     and conv.groups == conv.in_channels == conv.out_channels == x.shape[-1])
+                     and conv.groups == conv.in_channels == conv.out_channels)
     return (depthwise_3x3 and x.dtype in (torch.float32, torch.float64) and conv.weight.dtype == x.dtype
             and not torch.is_autocast_enabled('cpu') and native.usable(x, native_library))
 
@@ -225,7 +247,7 @@ def residual_dwconv(x: torch.Tensor, conv: nn.Conv2d, gelu: bool) -> torch.Tenso
     Returns:
         ``B x H x W x Ch``.
     """
-    if _use_native(x, conv):
+    if x.shape[-1] == conv.in_channels and kernel_applies(x, conv):
         return _ResidualDWConvFunction.apply(x.contiguous(), conv.weight, conv.bias, gelu)
     y = x.permute(0, 3, 1, 2)
     y = y + conv(y)
