@@ -74,7 +74,7 @@ class _ConvMlpFunction(torch.autograd.Function):
         rows = x.view(-1, C)
         hidden = torch.addmm(b1, rows, w1.t()).view(B, H, W, -1)
         wt = rdw.tap_major(dw_weight)
-        act = _scratch(hidden)[0]
+        act, = _scratch(hidden, 1)
         rdw.kernel_forward(hidden, wt, dw_bias, True, act)
         ctx.save_for_backward(rows, w1, hidden, wt, dw_bias, w2)
         return torch.addmm(b2, act.view(-1, act.shape[-1]), w2.t()).view(B, H, W, -1)
@@ -83,7 +83,7 @@ class _ConvMlpFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         rows, w1, hidden, wt, dw_bias, w2 = ctx.saved_tensors
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        act, grad_act = _scratch(hidden)
+        act, grad_act = _scratch(hidden, 2)
         rdw.kernel_forward(hidden, wt, dw_bias, True, act)
         grad_w2, grad_b2 = grad_out.t().mm(act.view(-1, act.shape[-1])), grad_out.sum(0)
         torch.mm(grad_out, w2, out=grad_act.view(-1, w2.shape[1]))
@@ -95,8 +95,9 @@ class _ConvMlpFunction(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_dw_weight, grad_dw_bias, grad_w2, grad_b2
 
 
-def _scratch(hidden: torch.Tensor):
-    """Two hidden-sized buffers of the kept workspace."""
+def _scratch(hidden: torch.Tensor, count: int):
+    """``count`` hidden-sized buffers of the kept workspace (the forward pass asks for one, so
+    that inference alone keeps half of what training does)."""
     n = hidden.numel()
-    work = native.workspace('conv_mlp', 2 * n, hidden.dtype)
-    return work[:n].view_as(hidden), work[n:2 * n].view_as(hidden)
+    work = native.workspace('conv_mlp', count * n, hidden.dtype)
+    return tuple(work[i * n:(i + 1) * n].view_as(hidden) for i in range(count))
