@@ -454,12 +454,14 @@ def test_half_precision_inputs_run_in_float32():
 
 @pytest.mark.skipif(wa_module.native_library() is None, reason='no C compiler')
 @pytest.mark.parametrize('shifted', [False, True], ids=['L', 'S'])
-@pytest.mark.parametrize('size', [(14, 14), (9, 17), (5, 3), (10, 23), (16, 8)])
-def test_window_native_matches_reference_float64(size, shifted):
+@pytest.mark.parametrize('size,channels,heads', [((14, 14), 12, 3), ((9, 17), 12, 3), ((5, 3), 12, 3),
+                                                 ((10, 23), 12, 3), ((16, 8), 12, 3), ((10, 23), 64, 2)])
+def test_window_native_matches_reference_float64(size, channels, heads, shifted):
     """The C kernels against the PyTorch formulation, padding (the keys of padded
-    positions are the qkv bias) and the shift mask included."""
-    module = _perturbed(WindowAttention(12, 3, 7, shifted).double()).train()
-    x = torch.randn(2, 12, *size, dtype=torch.double)
+    positions are the qkv bias) and the shift mask included; head dims 4 (below one vector
+    of the kernels' products) and 32 (whole vectors)."""
+    module = _perturbed(WindowAttention(channels, heads, 7, shifted).double()).train()
+    x = torch.randn(2, channels, *size, dtype=torch.double)
 
     def run(impl):
         module.attn_impl = impl

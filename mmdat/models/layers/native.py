@@ -3,7 +3,8 @@
 Each kernel source is written once over ``scalar_t`` and compiled for ``float`` (suffix
 ``_f32``) and ``double`` (``_f64``); ``EXP``, ``LOG`` and ``ERF`` are the matching exponential
 (``exp_f32`` below for float), libm logarithm and error function (``erf_f32`` for float);
-``ERF_GIVEN_EXP(x, e)`` is ``erf(x)`` given ``e = exp(-x * x)`` (float reuses ``e``). A
+``ERF_GIVEN_EXP(x, e)`` is ``erf(x)`` given ``e = exp(-x * x)`` (float reuses ``e``);
+``NAME(gemm)`` is a small register-blocked matrix product (see ``_GEMM``). A
 library is built once per source, compiler and CPU with the system's C compiler (OpenMP when
 available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``).
 ``MMDAT_NATIVE_OPS=0`` disables every kernel; callers then use their PyTorch paths.
@@ -72,6 +73,51 @@ static inline float erf_f32(float x) { return erf_given_exp_f32(x, exp_f32(-x * 
 static inline double erf_given_exp_f64(double x, double e) { (void)e; return erf(x); }
 """
 
+#: C (+)= A B for the small products inside attention windows (tens of rows and columns),
+#: where calling a BLAS per window costs more than the arithmetic. Blocks of 4 rows x one
+#: 64-byte vector of columns stay in registers over the whole inner dimension; GCC's vector
+#: type makes that one zmm register with AVX-512 (its auto-vectorizer would pick ymm) and
+#: two or four narrower ones elsewhere. A is read through strides, so A^T costs nothing.
+_GEMM = r"""
+typedef scalar_t NAME(vec) __attribute__((vector_size(64)));
+typedef scalar_t NAME(uvec) __attribute__((vector_size(64), aligned(sizeof(scalar_t))));
+
+/* C (M x N, row stride ldc) = A B, or += with accumulate; A's element (r, k) is
+   A[r * ars + k * aks]; B is K x N with row stride ldb. */
+static void NAME(gemm)(int M, int N, int K, const scalar_t *A, int64_t ars, int64_t aks, const scalar_t *B,
+                       int64_t ldb, scalar_t *C, int64_t ldc, int accumulate) {
+    enum { VB = 64 / (int)sizeof(scalar_t), RB = 4 };
+    int i = 0;
+    for (; i + RB <= M; i += RB) {
+        int j = 0;
+        for (; j + VB <= N; j += VB) {
+            NAME(vec) acc[RB];
+            for (int r = 0; r < RB; r++)
+                acc[r] = accumulate ? (NAME(vec))*(const NAME(uvec) *)(C + (i + r) * ldc + j) : (NAME(vec)){0};
+            const scalar_t *a = A + i * ars;
+            for (int k = 0; k < K; k++, a += aks) {
+                NAME(vec) b = *(const NAME(uvec) *)(B + k * ldb + j);
+#pragma GCC unroll 4
+                for (int r = 0; r < RB; r++) acc[r] += a[r * ars] * b;
+            }
+            for (int r = 0; r < RB; r++) *(NAME(uvec) *)(C + (i + r) * ldc + j) = acc[r];
+        }
+        for (; j < N; j++)
+            for (int r = i; r < i + RB; r++) {
+                scalar_t s = accumulate ? C[r * ldc + j] : 0;
+                for (int k = 0; k < K; k++) s += A[r * ars + k * aks] * B[k * ldb + j];
+                C[r * ldc + j] = s;
+            }
+    }
+    for (; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            scalar_t s = accumulate ? C[i * ldc + j] : 0;
+            for (int k = 0; k < K; k++) s += A[i * ars + k * aks] * B[k * ldb + j];
+            C[i * ldc + j] = s;
+        }
+}
+"""
+
 _TYPES = (('float', 'f32', 'exp_f32', 'logf', 'erf_f32', 'erf_given_exp_f32'),
           ('double', 'f64', 'exp', 'log', 'erf', 'erf_given_exp_f64'))
 
@@ -125,7 +171,7 @@ def _source(kernels: str) -> str:
     parts = [_HEADER]
     for scalar, suffix, exp, log, erf, erf_given_exp in _TYPES:
         parts += [f'#define scalar_t {scalar}\n#define SUFFIX {suffix}\n#define EXP {exp}\n#define LOG {log}\n'
-                  f'#define ERF {erf}\n#define ERF_GIVEN_EXP {erf_given_exp}\n', kernels,
+                  f'#define ERF {erf}\n#define ERF_GIVEN_EXP {erf_given_exp}\n', _GEMM, kernels,
                   '#undef scalar_t\n#undef SUFFIX\n#undef EXP\n#undef LOG\n#undef ERF\n#undef ERF_GIVEN_EXP\n']
     return '\n'.join(parts)
 

@@ -16,8 +16,9 @@ from .precision import in_full_precision
 #: never computed (they are cropped). table: (heads, (2w-1)^2); lse: (B, heads, H, W).
 _C_KERNELS = r"""
 /* The window (wy, wx) of the rolled, padded map: each of its w*w slots' position in the
-   input (-1: padding) and shift-region label. */
-static void NAME(window)(int wy, int wx, int H, int W, int Hp, int Wp, int w, int s, int64_t *at, int *label) {
+   input (-1: padding) and shift-region label; returns whether labels differ (a mask). */
+static int NAME(window)(int wy, int wx, int H, int W, int Hp, int Wp, int w, int s, int64_t *at, int *label) {
+    int masked = 0;
     for (int a = 0; a < w; a++) {
         int ry = wy * w + a, y = (ry + s) % Hp;
         int ly = s == 0 ? 0 : (ry < Hp - w ? 0 : (ry < Hp - s ? 1 : 2));
@@ -26,89 +27,95 @@ static void NAME(window)(int wy, int wx, int H, int W, int Hp, int Wp, int w, in
             int lx = s == 0 ? 0 : (rx < Wp - w ? 0 : (rx < Wp - s ? 1 : 2));
             at[a * w + c] = (y < H && x < W) ? (int64_t)y * W + x : -1;
             label[a * w + c] = 3 * ly + lx;
+            masked |= label[a * w + c] != label[0];
         }
     }
+    return masked;
 }
 
-/* Gathers the window's rows: Q (N x d, valid queries), K and V (N x d), Kt (d x N); padded
-   keys are the bias. Then S = scale * Q K^T + bias + mask (N x N, rows of valid queries). The
-   products run as rank-1 updates over contiguous rows, which compilers vectorize. */
-static void NAME(window_logits)(const scalar_t *base, const scalar_t *bias, const scalar_t *bt, const int64_t *at,
-                                const int *label, scalar_t *Q, scalar_t *K, scalar_t *Kt, scalar_t *V, scalar_t *Sm,
-                                scalar_t scale, int ts, int C, int h, int w, int d) {
+/* The bias of every (query, key) slot pair of a window, per head: (heads, N, N). */
+static scalar_t *NAME(bias_matrices)(const scalar_t *table, int heads, int w) {
     int N = w * w, S = 2 * w - 1;
+    scalar_t *bm = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)heads * N * N);
+    for (int h = 0; h < heads; h++)
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < N; j++)
+                bm[((int64_t)h * N + i) * N + j] = table[(int64_t)h * S * S + (i / w - j / w + w - 1) * S
+                                                         + (i % w - j % w + w - 1)];
+    return bm;
+}
+
+/* Gathers the window's rows: Q (N x d, scaled; zero at padded queries), K and V (N x d), Kt
+   and Vt (d x N); padded keys are the bias. Then Sm = Q K^T + bias (+ the shift mask). */
+static void NAME(window_logits)(const scalar_t *base, const scalar_t *bias, const scalar_t *bm, const int64_t *at,
+                                const int *label, int masked, scalar_t *Q, scalar_t *K, scalar_t *Kt, scalar_t *V,
+                                scalar_t *Vt, scalar_t *Sm, scalar_t scale, int ts, int C, int h, int N, int d) {
     for (int j = 0; j < N; j++) {
         const scalar_t *src = at[j] >= 0 ? base + at[j] * ts : bias + h * d;
-        if (at[j] >= 0)
-            for (int c = 0; c < d; c++) Q[j * d + c] = src[c] * scale;
         for (int c = 0; c < d; c++) {
-            K[j * d + c] = src[C + c];
-            Kt[c * N + j] = src[C + c];
+            Q[j * d + c] = at[j] >= 0 ? src[c] * scale : (scalar_t)0;
+            K[j * d + c] = Kt[c * N + j] = src[C + c];
             V[j * d + c] = src[2 * C + c];
+            if (Vt) Vt[c * N + j] = src[2 * C + c];
         }
     }
-    for (int i = 0; i < N; i++) {
-        if (at[i] < 0) continue;
-        scalar_t *row = Sm + i * N;
-        const scalar_t *brow = bt + (i / w + w - 1) * S + (i % w + w - 1);  /* bias of key (0, 0) */
-        for (int ka = 0; ka < w; ka++)
-            for (int kc = 0; kc < w; kc++) {
-                int j = ka * w + kc;
-                row[j] = brow[-ka * S - kc] - (label[i] != label[j] ? (scalar_t)100 : (scalar_t)0);
-            }
-        for (int c = 0; c < d; c++) {
-            scalar_t q = Q[i * d + c];
-            const scalar_t *kt = Kt + c * N;
-#pragma omp simd
-            for (int j = 0; j < N; j++) row[j] += q * kt[j];
-        }
-    }
+    memcpy(Sm, bm, sizeof(scalar_t) * (size_t)N * N);
+    if (masked)
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < N; j++) Sm[i * N + j] -= label[i] != label[j] ? (scalar_t)100 : (scalar_t)0;
+    NAME(gemm)(N, N, d, Q, d, 1, Kt, N, Sm, N, 1);
 }
 
 #define WINDOW_BUFFERS \
     int64_t *at = (int64_t *)malloc(sizeof(int64_t) * N); \
     int *label = (int *)malloc(sizeof(int) * N); \
-    scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * ((size_t)7 * N * d + (size_t)N * N + N)); \
-    scalar_t *Q = buf, *K = Q + N * d, *Kt = K + N * d, *V = Kt + N * d, *dQ = V + N * d; \
-    scalar_t *dK = dQ + N * d, *dV = dK + N * d, *Sm = dV + N * d, *dp = Sm + N * N;
+    scalar_t *buf = (scalar_t *)malloc(sizeof(scalar_t) * ((size_t)9 * N * d + (size_t)2 * N * N + N)); \
+    scalar_t *Q = buf, *K = Q + N * d, *Kt = K + N * d, *V = Kt + N * d, *Vt = V + N * d, *dO = Vt + N * d; \
+    scalar_t *dQ = dO + N * d, *dK = dQ + N * d, *dV = dK + N * d, *Sm = dV + N * d, *dP = Sm + N * N; \
+    scalar_t *rowsum = dP + N * N;
 
 void NAME(wa_forward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t *table, scalar_t *out, scalar_t *lse,
                       scalar_t *scale_, int B, int heads, int H, int W, int d, int w, int s, int nthreads) {
-    int C = heads * d, ts = 3 * C, N = w * w, S = 2 * w - 1;
+    int C = heads * d, ts = 3 * C, N = w * w;
     int nwy = (H + w - 1) / w, nwx = (W + w - 1) / w, Hp = nwy * w, Wp = nwx * w;
     scalar_t scale = *scale_;
+    scalar_t *bm = NAME(bias_matrices)(table, heads, w);
 #pragma omp parallel num_threads(nthreads)
     {
         WINDOW_BUFFERS
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < (int64_t)B * heads * nwy * nwx; item++) {
-            int win = (int)(item % (nwy * nwx)), h = (int)(item / (nwy * nwx) % heads);
-            int b = (int)(item / ((int64_t)nwy * nwx * heads));
-            NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
-            NAME(window_logits)(qkv + (int64_t)b * H * W * ts + h * d, bias, table + (int64_t)h * S * S, at, label,
-                                Q, K, Kt, V, Sm, scale, ts, C, h, w, d);
+        for (int64_t item = 0; item < (int64_t)B * nwy * nwx; item++) {
+            int win = (int)(item % (nwy * nwx)), b = (int)(item / (nwy * nwx));
+            int masked = NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
+            for (int h = 0; h < heads; h++) {
+            NAME(window_logits)(qkv + (int64_t)b * H * W * ts + h * d, bias, bm + (int64_t)h * N * N, at, label,
+                                masked, Q, K, Kt, V, NULL, Sm, scale, ts, C, h, N, d);
             for (int i = 0; i < N; i++) {
-                if (at[i] < 0) continue;
                 scalar_t *row = Sm + i * N, mx = -INFINITY, sum = 0;
+                if (at[i] < 0) {  /* a padded query: its row must only stay finite */
+                    memset(row, 0, sizeof(scalar_t) * (size_t)N);
+                    continue;
+                }
                 for (int j = 0; j < N; j++) mx = row[j] > mx ? row[j] : mx;
 #pragma omp simd reduction(+:sum)
                 for (int j = 0; j < N; j++) {
                     row[j] = EXP(row[j] - mx);
                     sum += row[j];
                 }
-                scalar_t *o = out + ((int64_t)b * H * W + at[i]) * C + h * d, inv = 1 / sum;
-                for (int c = 0; c < d; c++) o[c] = 0;
-                for (int j = 0; j < N; j++) {
-                    scalar_t p = row[j] * inv;
-                    const scalar_t *v = V + j * d;
-#pragma omp simd
-                    for (int c = 0; c < d; c++) o[c] += p * v[c];
-                }
+                rowsum[i] = 1 / sum;
                 lse[((int64_t)b * heads + h) * H * W + at[i]] = mx + LOG(sum);
+            }
+            NAME(gemm)(N, d, N, Sm, N, 1, V, d, dO, d, 0);  /* unnormalised P V */
+            for (int i = 0; i < N; i++) {
+                if (at[i] < 0) continue;
+                scalar_t *o = out + ((int64_t)b * H * W + at[i]) * C + h * d;
+                for (int c = 0; c < d; c++) o[c] = dO[i * d + c] * rowsum[i];
+            }
             }
         }
         free(at); free(label); free(buf);
     }
+    free(bm);
 }
 
 /* dqkv: written where queries are (each position's q, k, v slots, once: a window owns its
@@ -120,59 +127,55 @@ void NAME(wa_backward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t
     int C = heads * d, ts = 3 * C, N = w * w, S = 2 * w - 1;
     int nwy = (H + w - 1) / w, nwx = (W + w - 1) / w, Hp = nwy * w, Wp = nwx * w;
     scalar_t scale = *scale_;
+    scalar_t *bm = NAME(bias_matrices)(table, heads, w);
 #pragma omp parallel num_threads(nthreads)
     {
         WINDOW_BUFFERS
         int tid = omp_get_thread_num();
         scalar_t *db = dbias + (int64_t)tid * ts, *dt = dtable + (int64_t)tid * heads * S * S;
+        /* the bias gradient per (query, key) slot pair and head, folded into the table at the end */
+        scalar_t *dbm = (scalar_t *)calloc((size_t)heads * N * N, sizeof(scalar_t));
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < (int64_t)B * heads * nwy * nwx; item++) {
-            int win = (int)(item % (nwy * nwx)), h = (int)(item / (nwy * nwx) % heads);
-            int b = (int)(item / ((int64_t)nwy * nwx * heads));
+        for (int64_t item = 0; item < (int64_t)B * nwy * nwx; item++) {
+            int win = (int)(item % (nwy * nwx)), b = (int)(item / (nwy * nwx));
+            int masked = NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
+            for (int h = 0; h < heads; h++) {
             int64_t boff = (int64_t)b * H * W * ts + h * d;
-            NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
-            NAME(window_logits)(qkv + boff, bias, table + (int64_t)h * S * S, at, label, Q, K, Kt, V, Sm, scale,
-                                ts, C, h, w, d);
-            scalar_t *dbt = dt + (int64_t)h * S * S;
-            memset(dK, 0, sizeof(scalar_t) * 2 * (size_t)N * d);  /* dK, dV */
-            for (int i = 0; i < N; i++) {
-                if (at[i] < 0) continue;
-                int64_t o = ((int64_t)b * H * W + at[i]) * C + h * d;
-                const scalar_t *gi = dout + o, *oi = out + o;
-                scalar_t *row = Sm + i * N, l = lse[((int64_t)b * heads + h) * H * W + at[i]];
-                scalar_t Dsum = 0;
-                for (int c = 0; c < d; c++) Dsum += gi[c] * oi[c];
-#pragma omp simd
-                for (int j = 0; j < N; j++) row[j] = EXP(row[j] - l);  /* P */
-                for (int j = 0; j < N; j++) {  /* dP = dO V^T */
-                    const scalar_t *v = V + j * d;
-                    scalar_t acc = 0;
-#pragma omp simd reduction(+:acc)
-                    for (int c = 0; c < d; c++) acc += gi[c] * v[c];
-                    dp[j] = acc;
-                }
-                scalar_t *dbrow = dbt + (i / w + w - 1) * S + (i % w + w - 1);
-                for (int ka = 0; ka < w; ka++)
-                    for (int kc = 0; kc < w; kc++) {
-                        int j = ka * w + kc;
-                        scalar_t ds = row[j] * (dp[j] - Dsum);
-                        dbrow[-ka * S - kc] += ds;
-                        dp[j] = ds;  /* dS, w.r.t. the scaled logits */
-                    }
-                scalar_t *dq = dQ + i * d, *q = Q + i * d;
-                for (int c = 0; c < d; c++) dq[c] = 0;
-                for (int j = 0; j < N; j++) {
-                    scalar_t ds = dp[j], p = row[j];
-                    const scalar_t *k = K + j * d;
-                    scalar_t *dk = dK + j * d, *dv = dV + j * d;
-#pragma omp simd
+            NAME(window_logits)(qkv + boff, bias, bm + (int64_t)h * N * N, at, label, masked, Q, K, Kt, V, Vt, Sm,
+                                scale, ts, C, h, N, d);
+            for (int i = 0; i < N; i++) {  /* dO rows; rowsum holds D = rowsum(dO * O) */
+                scalar_t D = 0;
+                if (at[i] >= 0) {
+                    int64_t o = ((int64_t)b * H * W + at[i]) * C + h * d;
                     for (int c = 0; c < d; c++) {
-                        dq[c] += ds * k[c];
-                        dk[c] += ds * q[c];
-                        dv[c] += p * gi[c];
+                        dO[i * d + c] = dout[o + c];
+                        D += dout[o + c] * out[o + c];
                     }
+                } else {
+                    memset(dO + i * d, 0, sizeof(scalar_t) * (size_t)d);
+                }
+                rowsum[i] = D;
+            }
+            NAME(gemm)(N, N, d, dO, d, 1, Vt, N, dP, N, 0);  /* dP = dO V^T */
+            scalar_t *dbh = dbm + (int64_t)h * N * N;
+            for (int i = 0; i < N; i++) {
+                scalar_t *row = Sm + i * N, *g = dP + i * N, *dbr = dbh + i * N;
+                if (at[i] < 0) {  /* no gradient reaches padded queries */
+                    memset(row, 0, sizeof(scalar_t) * (size_t)N);
+                    memset(g, 0, sizeof(scalar_t) * (size_t)N);
+                    continue;
+                }
+                scalar_t l = lse[((int64_t)b * heads + h) * H * W + at[i]], D = rowsum[i];
+#pragma omp simd
+                for (int j = 0; j < N; j++) {
+                    row[j] = EXP(row[j] - l);  /* P */
+                    g[j] = row[j] * (g[j] - D);  /* dS, w.r.t. the scaled logits */
+                    dbr[j] += g[j];
                 }
             }
+            NAME(gemm)(N, d, N, dP, N, 1, K, d, dQ, d, 0);  /* dQ = dS K */
+            NAME(gemm)(N, d, N, dP, 1, N, Q, d, dK, d, 0);  /* dK = dS^T Q */
+            NAME(gemm)(N, d, N, Sm, 1, N, dO, d, dV, d, 0);  /* dV = P^T dO */
             for (int j = 0; j < N; j++) {
                 if (at[j] >= 0) {
                     scalar_t *dst = dqkv + boff + at[j] * ts;
@@ -188,9 +191,17 @@ void NAME(wa_backward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t
                     }
                 }
             }
+            }
         }
+        for (int h = 0; h < heads; h++)
+            for (int i = 0; i < N; i++)
+                for (int j = 0; j < N; j++)
+                    dt[(int64_t)h * S * S + (i / w - j / w + w - 1) * S + (i % w - j % w + w - 1)]
+                        += dbm[((int64_t)h * N + i) * N + j];
+        free(dbm);
         free(at); free(label); free(buf);
     }
+    free(bm);
 }
 """
 
