@@ -338,18 +338,19 @@ def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, mo
 def _native_na(q, k, v, table, kernel, scale=1.0):
     """``neighborhood_attention_native`` with the arguments of ``neighborhood_attention``."""
     B, nh, H, W, d = q.shape
-    qkv = torch.stack([q, k, v]).permute(1, 3, 4, 0, 2, 5).reshape(B, H, W, 3 * nh * d)
+    qkv = torch.stack([q, k, v]).permute(1, 0, 2, 5, 3, 4).reshape(B, 3 * nh * d, H, W)
     out = neighborhood_attention_native(qkv, table, nh, kernel, scale)
     return out.reshape(B, H, W, nh, d).permute(0, 3, 1, 2, 4)
 
 
 @needs_native_na
 @pytest.mark.parametrize("size,kernel", [((7, 7), 7), ((9, 13), 3), ((16, 11), 7), ((40, 9), 7), ((31, 8), 5),
-                                         ((3, 4), 1)])
+                                         ((3, 4), 1), ((12, 40), 7), ((9, 29), 5)])
 @pytest.mark.parametrize('threads', [1, 3])
 def test_neighborhood_native_matches_gather_float64(size, kernel, threads):
     """The C kernels; tall maps run the backward in several blocks of rows per parity, and
-    more threads than cores share the dk / dv / table accumulation."""
+    more threads than cores share the dk / dv / table accumulation. Rows of 29 and 40 have
+    interior blocks of lanes (read in place), the others only edge blocks (padded copies)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double).requires_grad_() for _ in range(3))
     table = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen, dtype=torch.double).requires_grad_()
@@ -367,16 +368,34 @@ def test_neighborhood_native_matches_gather_float64(size, kernel, threads):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize('batch', [1, 2])
+def test_channel_major_projection(batch):
+    """The qkv projection of the C kernels: the Linear's values and gradients, its output
+    channel-major with spare elements after it (no copy before the kernels), and the input
+    gradient in the input's own position-major layout (no copy in the LayerNorm before)."""
+    linear = torch.nn.Linear(6, 9).double()
+    x = torch.randn(batch, 4, 5, 6, dtype=torch.double, requires_grad=True)
+    out = na_module.project_channels_first(x, linear)
+    assert out.shape == (batch, 9, 4, 5) and na_module._has_tail(out)
+    gout = torch.randn(out.shape, dtype=torch.double)
+    grads = torch.autograd.grad((out * gout).sum(), (x, linear.weight, linear.bias))
+    ref = linear(x).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, torch.autograd.grad((ref * gout).sum(), (x, linear.weight, linear.bias))):
+        torch.testing.assert_close(a, b)
+    assert grads[0].is_contiguous()
+
+
 @needs_native_na
 def test_neighborhood_native_float32_and_errors():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 20, 30, 32, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 20, 50, 32, generator=gen) for _ in range(3))
     table = torch.randn(2, 13, 13, generator=gen)
     ref = neighborhood_attention(q.double(), k.double(), v.double(), table.double(), 7)
     out = _native_na(q, k, v, table, 7)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match='at least the kernel size 7, got 6x30'):
+    with pytest.raises(ValueError, match='at least the kernel size 7, got 6x50'):
         _native_na(q[:, :, :6], k[:, :, :6], v[:, :, :6], table, 7)
 
 
@@ -394,10 +413,10 @@ def test_neighborhood_module_runs_the_c_kernels_on_cpu_unless_disabled(monkeypat
     torch.testing.assert_close(native, tiled, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('size', [(12, 17), (5, 6)])
-def test_neighborhood_module_paths_agree(size):
+@pytest.mark.parametrize('size,batch', [((12, 17), 2), ((5, 6), 1), ((9, 40), 1)])
+def test_neighborhood_module_paths_agree(size, batch):
     module = _perturbed(NeighborhoodAttention(16, 2, 7, use_natten=False).double()).train()
-    x = torch.randn(2, 16, *size, dtype=torch.double)
+    x = torch.randn(batch, 16, *size, dtype=torch.double)
 
     def run(impl):
         module.attn_impl = impl

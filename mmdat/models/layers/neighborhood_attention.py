@@ -1,4 +1,5 @@
 import functools
+import math
 import warnings
 from typing import Callable, Optional, Tuple
 
@@ -308,135 +309,324 @@ def neighborhood_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 # ----------------------------------------------------------------------------- native (CPU)
 
-#: NA2D forward and backward, one query at a time (its k*k logits in a small buffer; no
-#: tiles, no masks), reading q, k and v where the qkv projection wrote them:
-#: qkv (B, H, W, 3, heads, d) and out (B, H, W, heads, d), both position-major as the
-#: Linear layers around the attention want them; rpb (heads, 2k-1, 2k-1); lse
-#: (B, heads, H, W). The backward recomputes the logits from lse and writes dqkv.
+#: NA2D forward and backward in C. Queries are processed a row at a time in blocks of one
+#: 64-byte vector of consecutive columns (16 float32 lanes); q, k and v are read channel-major,
+#: qkv_t (B, 3, heads, d, H, W) as a matmul writes it, so that for a window offset (a, r) the
+#: keys of a block's queries are one shifted vector load of a key row: the logits, the
+#: weighted sums and their gradients are vector FMAs over channels without gathers or
+#: horizontal sums. Blocks whose lanes' windows are clamped at the map's sides (or that run
+#: past it) read zero-padded copies of their key rows and mask the offsets outside each lane's
+#: window. out (B, H, W, heads, d) is position-major for the projection after it; lse
+#: (B, heads, H, W); rpb (heads, 2k-1, 2k-1). The backward recomputes the logits from lse.
 _C_KERNELS = r"""
-/* scaled logits s[k*k] of one query and their maximum; the window starts at (sy, sx) */
-static inline scalar_t NAME(logits)(const scalar_t *qi, const scalar_t *kb, const scalar_t *bt, scalar_t *s,
-                                    scalar_t scale, int y, int x, int sy, int sx, int W, int ts, int d, int K) {
-    int S = 2 * K - 1;
-    scalar_t mx = -INFINITY;
-    for (int a = 0; a < K; a++) {
-        const scalar_t *krow = kb + ((int64_t)(sy + a) * W + sx) * ts;
-        const scalar_t *brow = bt + (sy + a - y + K - 1) * S + (sx - x + K - 1);
-        for (int b = 0; b < K; b++) {
-            const scalar_t *kj = krow + (int64_t)b * ts;
-            scalar_t acc = 0;
-#pragma omp simd reduction(+:acc)
-            for (int c = 0; c < d; c++) acc += qi[c] * kj[c];
-            acc = acc * scale + brow[b];
-            s[a * K + b] = acc;
-            mx = acc > mx ? acc : mx;
-        }
+#ifndef NA_RC
+#define NA_RC 8  /* offsets per register block */
+#define NA_CC 8  /* channels per register block */
+#endif
+#undef NA_VB
+#define NA_VB ((int)(64 / sizeof(scalar_t)))
+
+/* A block of lanes x0 .. x0 + VB - 1 of a row: each lane's window starts at offset lo (key
+   column - query column); returns whether the block is interior (all lanes in the map, all
+   windows unclamped); sets the block's offset range [rlo, rlo + R). */
+static int NAME(na_block)(int x0, int W, int K, int *lo, int *rlo, int *R) {
+    int mn = 1 << 30, mx = -(1 << 30), interior = 1;
+    for (int l = 0; l < NA_VB; l++) {
+        int x = x0 + l;
+        if (x >= W) { lo[l] = 1 << 29; interior = 0; continue; }
+        lo[l] = clamp_int(x - K / 2, 0, W - K) - x;
+        mn = lo[l] < mn ? lo[l] : mn;
+        mx = lo[l] > mx ? lo[l] : mx;
+        interior &= lo[l] == -(K / 2);
     }
-    return mx;
+    *rlo = mn;
+    *R = mx + K - mn;
+    return interior;
 }
+
+/* K rows x d channels of a key plane (channel stride HW, row stride W) around a block, as
+   columns x0 + rlo + t, t < Lw, zero outside the map: [a][c][t]. */
+static void NAME(na_window_copy)(const scalar_t *plane, int64_t HW, int W, int sy, int K, int d, int col0, int Lw,
+                                 scalar_t *dst) {
+    for (int a = 0; a < K; a++)
+        for (int c = 0; c < d; c++) {
+            const scalar_t *src = plane + c * HW + (int64_t)(sy + a) * W;
+            scalar_t *o = dst + ((int64_t)a * d + c) * Lw;
+            for (int t = 0; t < Lw; t++) {
+                int col = col0 + t;
+                o[t] = col >= 0 && col < W ? src[col] : (scalar_t)0;
+            }
+        }
+}
+
+/* Adds a block's window accumulator [a][c][t] back into the plane, inside the map only. */
+static void NAME(na_window_add)(scalar_t *plane, int64_t HW, int W, int sy, int K, int d, int col0, int Lw,
+                                const scalar_t *src) {
+    for (int a = 0; a < K; a++)
+        for (int c = 0; c < d; c++) {
+            scalar_t *o = plane + c * HW + (int64_t)(sy + a) * W;
+            const scalar_t *s = src + ((int64_t)a * d + c) * Lw;
+            for (int t = 0; t < Lw; t++) {
+                int col = col0 + t;
+                if (col >= 0 && col < W) o[col] += s[t];
+            }
+        }
+}
+
+/* A block's lanes of a channel-major plane (d x VB, zero past the map) */
+static void NAME(na_lanes)(const scalar_t *plane, int64_t HW, int64_t at, int n, int d, scalar_t mul, scalar_t *dst) {
+    for (int c = 0; c < d; c++) {
+        const scalar_t *src = plane + c * HW + at;
+        for (int l = 0; l < NA_VB; l++) dst[c * NA_VB + l] = l < n ? src[l] * mul : (scalar_t)0;
+    }
+}
+
+/* s[a][r] (vectors) = init[a][r] + sum_c xb[c] * key[a][c][r + lane] for r < Rp (a multiple
+   of NA_RC); key (a, c, t) at kb[a * rs + c * cs + t]. */
+static void NAME(na_dots)(const scalar_t *xb, const scalar_t *kb, int64_t cs, int64_t rs, int K, int Rp, int d,
+                          const scalar_t *init, scalar_t *s) {
+    for (int a = 0; a < K; a++)
+        for (int r0 = 0; r0 < Rp; r0 += NA_RC) {
+            NAME(vec) acc[NA_RC];
+            for (int i = 0; i < NA_RC; i++) acc[i] = (NAME(vec)){0} + (init ? init[a * Rp + r0 + i] : (scalar_t)0);
+            const scalar_t *kr = kb + a * rs + r0;
+            for (int c = 0; c < d; c++, kr += cs) {
+                NAME(vec) x = *(const NAME(vec) *)(xb + c * NA_VB);
+#pragma GCC unroll 8
+                for (int i = 0; i < NA_RC; i++) acc[i] += x * *(const NAME(uvec) *)(kr + i);
+            }
+            for (int i = 0; i < NA_RC; i++) *(NAME(vec) *)(s + ((int64_t)a * Rp + r0 + i) * NA_VB) = acc[i];
+        }
+}
+
+/* o[c] (vectors) = sum over a, r < R of w[a][r] * val[a][c][r + lane] */
+static void NAME(na_weighted)(const scalar_t *w, const scalar_t *vb, int64_t cs, int64_t rs, int K, int R, int Rp,
+                              int d, scalar_t *o) {
+    int c0 = 0;
+    for (; c0 + NA_CC <= d; c0 += NA_CC) {
+        NAME(vec) acc[NA_CC];
+        for (int i = 0; i < NA_CC; i++) acc[i] = (NAME(vec)){0};
+        for (int a = 0; a < K; a++)
+            for (int r = 0; r < R; r++) {
+                NAME(vec) p = *(const NAME(vec) *)(w + ((int64_t)a * Rp + r) * NA_VB);
+                const scalar_t *vr = vb + a * rs + c0 * cs + r;
+#pragma GCC unroll 8
+                for (int i = 0; i < NA_CC; i++) acc[i] += p * *(const NAME(uvec) *)(vr + i * cs);
+            }
+        for (int i = 0; i < NA_CC; i++) *(NAME(vec) *)(o + (c0 + i) * NA_VB) = acc[i];
+    }
+    for (; c0 < d; c0++) {
+        NAME(vec) acc = {0};
+        for (int a = 0; a < K; a++)
+            for (int r = 0; r < R; r++)
+                acc += *(const NAME(vec) *)(w + ((int64_t)a * Rp + r) * NA_VB)
+                       * *(const NAME(uvec) *)(vb + a * rs + c0 * cs + r);
+        *(NAME(vec) *)(o + c0 * NA_VB) = acc;
+    }
+}
+
+/* val[a][c][r + lane] += w[a][r] * xb[c] for r < R. Offsets outermost: the unaligned
+   read-modify-writes of offsets r and r + 1 overlap, and a load that overlaps a store still
+   in flight cannot take its data from it; K * d other stores in between let it retire. */
+static void NAME(na_scatter)(const scalar_t *w, const scalar_t *xb, scalar_t *vb, int64_t cs, int64_t rs, int K,
+                             int R, int Rp, int d) {
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < K; a++) {
+            NAME(vec) p = *(const NAME(vec) *)(w + ((int64_t)a * Rp + r) * NA_VB);
+            scalar_t *vr = vb + a * rs + r;
+            for (int c = 0; c < d; c++, vr += cs)
+                *(NAME(uvec) *)vr = *(NAME(uvec) *)vr + p * *(const NAME(vec) *)(xb + c * NA_VB);
+        }
+}
+
+/* Per block: bias init[a][r] (0 past the table), the 0/1 masks of each offset's lanes
+   (mask[r], only for blocks that are not interior). */
+static void NAME(na_bias)(const scalar_t *bt, int K, int sy, int y, int rlo, int Rp, scalar_t *init) {
+    int S = 2 * K - 1;
+    for (int a = 0; a < K; a++)
+        for (int r = 0; r < Rp; r++) {
+            int tx = rlo + r + K - 1;
+            init[a * Rp + r] = tx >= 0 && tx < S ? bt[(sy + a - y + K - 1) * S + tx] : (scalar_t)0;
+        }
+}
+static void NAME(na_masks)(const int *lo, int K, int rlo, int R, scalar_t *mask) {
+    for (int r = 0; r < R; r++)
+        for (int l = 0; l < NA_VB; l++) {
+            int t = rlo + r;
+            mask[r * NA_VB + l] = lo[l] <= t && t < lo[l] + K ? (scalar_t)1 : (scalar_t)0;
+        }
+}
+
+/* Row-softmax over a block's logits s[a][r < R]: s becomes exp(s - shift) (masked); shift
+   is the max (forward) or given (lse, backward); returns the max in mx and the sum in sum. */
+static void NAME(na_exp)(scalar_t *s, const scalar_t *mask, int K, int R, int Rp, const scalar_t *shift,
+                         scalar_t *mx, scalar_t *sum) {
+    NAME(vec) m;
+    if (shift) {
+        m = *(const NAME(vec) *)shift;
+    } else {
+        m = (NAME(vec)){0} - (scalar_t)1e30;
+        for (int a = 0; a < K; a++)
+            for (int r = 0; r < R; r++) {
+                NAME(vec) v = *(NAME(vec) *)(s + ((int64_t)a * Rp + r) * NA_VB);
+                if (mask) v -= (1 - *(const NAME(vec) *)(mask + r * NA_VB)) * (scalar_t)1e30;
+                for (int l = 0; l < NA_VB; l++) m[l] = v[l] > m[l] ? v[l] : m[l];
+            }
+        *(NAME(vec) *)mx = m;
+    }
+    NAME(vec) total = {0};
+    for (int a = 0; a < K; a++)
+        for (int r = 0; r < R; r++) {
+            scalar_t *v = s + ((int64_t)a * Rp + r) * NA_VB;
+            NAME(vec) mk;
+            if (mask) {  /* masked logits become the shift: exp stays finite, then times 0 */
+                mk = *(const NAME(vec) *)(mask + r * NA_VB);
+                *(NAME(vec) *)v = *(NAME(vec) *)v * mk + m * (1 - mk);
+            }
+#pragma omp simd
+            for (int l = 0; l < NA_VB; l++) v[l] = EXP(v[l] - m[l]);
+            if (mask) *(NAME(vec) *)v *= mk;
+            total += *(NAME(vec) *)v;
+        }
+    if (sum) *(NAME(vec) *)sum = total;
+}
+
+#define NA_BUFFERS \
+    int S = 2 * K - 1, Rmax = (S + NA_RC - 1) / NA_RC * NA_RC, Lw = Rmax + NA_VB; \
+    int64_t HW = (int64_t)H * W, plane = (int64_t)d * HW; \
+    size_t win = ((size_t)K * d * Lw + NA_VB - 1) / NA_VB * NA_VB, blk = (size_t)K * Rmax * NA_VB; \
+    size_t total = 4 * win + 2 * blk + (size_t)(4 * d + Rmax + 4) * NA_VB + (size_t)K * Rmax; \
+    scalar_t *mem = (scalar_t *)aligned_alloc(64, (sizeof(scalar_t) * total + 63) / 64 * 64); \
+    scalar_t *kw = mem, *vw = kw + win, *dkw = vw + win, *dvw = dkw + win, *s = dvw + win, *ds = s + blk; \
+    scalar_t *qb = ds + blk, *gb = qb + d * NA_VB, *ob = gb + d * NA_VB, *tb = ob + d * NA_VB; \
+    scalar_t *mask = tb + d * NA_VB, *mx = mask + Rmax * NA_VB, *sm = mx + NA_VB, *lb = sm + NA_VB, *Db = lb + NA_VB; \
+    scalar_t *init = Db + NA_VB; \
+    int lo[64];
 
 void NAME(na_forward)(const scalar_t *qkv, const scalar_t *rpb, scalar_t *out, scalar_t *lse, scalar_t *scale_,
                       int B, int heads, int H, int W, int d, int K, int nthreads) {
-    int S = 2 * K - 1, KK = K * K, C = heads * d, ts = 3 * C;
+    int C = heads * d;
     scalar_t scale = *scale_;
 #pragma omp parallel num_threads(nthreads)
     {
-        scalar_t *s = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)KK);
+        NA_BUFFERS
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < (int64_t)B * heads * H; r++) {
-            int b = (int)(r / ((int64_t)heads * H)), h = (int)(r / H % heads), y = (int)(r % H);
+        for (int64_t row = 0; row < (int64_t)B * heads * H; row++) {
+            int b = (int)(row / ((int64_t)heads * H)), h = (int)(row / H % heads), y = (int)(row % H);
             int sy = clamp_int(y - K / 2, 0, H - K);
-            const scalar_t *qb = qkv + (int64_t)b * H * W * ts + h * d, *kb = qb + C, *vb = qb + 2 * C;
-            const scalar_t *bt = rpb + (int64_t)h * S * S;
-            for (int x = 0; x < W; x++) {
-                int sx = clamp_int(x - K / 2, 0, W - K);
-                int64_t p = (int64_t)y * W + x;
-                scalar_t mx = NAME(logits)(qb + p * ts, kb, bt, s, scale, y, x, sy, sx, W, ts, d, K);
-                scalar_t sum = 0;
-#pragma omp simd reduction(+:sum)
-                for (int j = 0; j < KK; j++) {
-                    s[j] = EXP(s[j] - mx);
-                    sum += s[j];
+            const scalar_t *qp = qkv + ((int64_t)b * 3 * heads + h) * plane, *kp = qp + heads * plane;
+            const scalar_t *vp = kp + heads * plane, *bt = rpb + (int64_t)h * S * S;
+            for (int x0 = 0; x0 < W; x0 += NA_VB) {
+                int rlo, R, n = W - x0 < NA_VB ? W - x0 : NA_VB;
+                int interior = NAME(na_block)(x0, W, K, lo, &rlo, &R);
+                int Rp = (R + NA_RC - 1) / NA_RC * NA_RC;
+                const scalar_t *kb = kp + (int64_t)sy * W + x0 + rlo, *vb = vp + (int64_t)sy * W + x0 + rlo;
+                int64_t cs = HW, rs = W;
+                if (!interior) {
+                    NAME(na_window_copy)(kp, HW, W, sy, K, d, x0 + rlo, Lw, kw);
+                    NAME(na_window_copy)(vp, HW, W, sy, K, d, x0 + rlo, Lw, vw);
+                    NAME(na_masks)(lo, K, rlo, R, mask);
+                    kb = kw, vb = vw, cs = Lw, rs = (int64_t)d * Lw;
                 }
-                scalar_t *o = out + ((int64_t)b * H * W + p) * C + h * d, inv = 1 / sum;
-                for (int c = 0; c < d; c++) o[c] = 0;
-                for (int a = 0; a < K; a++) {
-                    const scalar_t *vrow = vb + ((int64_t)(sy + a) * W + sx) * ts;
-                    for (int j = 0; j < K; j++) {
-                        scalar_t w = s[a * K + j] * inv;
-                        const scalar_t *vj = vrow + (int64_t)j * ts;
-#pragma omp simd
-                        for (int c = 0; c < d; c++) o[c] += w * vj[c];
-                    }
+                NAME(na_lanes)(qp, HW, (int64_t)y * W + x0, n, d, scale, qb);
+                NAME(na_bias)(bt, K, sy, y, rlo, Rp, init);
+                NAME(na_dots)(qb, kb, cs, rs, K, Rp, d, init, s);
+                NAME(na_exp)(s, interior ? NULL : mask, K, R, Rp, NULL, mx, sm);
+                NAME(na_weighted)(s, vb, cs, rs, K, R, Rp, d, ob);
+                for (int l = 0; l < n; l++) {
+                    scalar_t inv = 1 / sm[l];
+                    scalar_t *o = out + (((int64_t)b * H + y) * W + x0 + l) * C + h * d;
+                    for (int c = 0; c < d; c++) o[c] = ob[c * NA_VB + l] * inv;
+                    lse[(((int64_t)b * heads + h) * H + y) * W + x0 + l] = mx[l] + LOG(sm[l]);
                 }
-                lse[r * W + x] = mx + LOG(sum);
             }
         }
-        free(s);
+        free(mem);
     }
 }
 
-/* dqkv must be zero; drpb: (nthreads, heads, 2k-1, 2k-1) zeros, one accumulator per thread.
-   Blocks of 2k-2 rows: the keys of blocks two apart are disjoint, so blocks of one parity
-   run in parallel without races on dk and dv. */
+/* dqkv (B, 3, heads, d, H, W): the k and v parts must be zero; drpb (nthreads, heads, 2k-1,
+   2k-1) zeros, one accumulator per thread. Blocks of 2k-2 rows: the keys of blocks two
+   apart are disjoint, so blocks of one parity run in parallel without races on dk and dv. */
 void NAME(na_backward)(const scalar_t *qkv, const scalar_t *rpb, const scalar_t *out, const scalar_t *lse,
                        const scalar_t *dout, scalar_t *dqkv, scalar_t *drpb, scalar_t *scale_,
                        int B, int heads, int H, int W, int d, int K, int nthreads) {
-    int S = 2 * K - 1, KK = K * K, C = heads * d, ts = 3 * C, rows = 2 * K - 2 > 1 ? 2 * K - 2 : 1;
+    int C = heads * d, rows = 2 * K - 2 > 1 ? 2 * K - 2 : 1;
     int blocks = (H + rows - 1) / rows;
     scalar_t scale = *scale_;
 #pragma omp parallel num_threads(nthreads)
     {
-        scalar_t *s = (scalar_t *)malloc(sizeof(scalar_t) * (size_t)KK);
+        NA_BUFFERS
         scalar_t *dt = drpb + (int64_t)omp_get_thread_num() * heads * S * S;
         for (int parity = 0; parity < 2; parity++) {
             int nb = (blocks - parity + 1) / 2;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < (int64_t)B * heads * nb; item++) {
                 int bh = (int)(item / nb), blk = 2 * (int)(item % nb) + parity, b = bh / heads, h = bh % heads;
-                int64_t base = (int64_t)b * H * W * ts + h * d;
-                const scalar_t *qb = qkv + base, *kb = qb + C, *vb = qb + 2 * C;
-                scalar_t *dqb = dqkv + base, *dkb = dqb + C, *dvb = dqb + 2 * C;
+                int64_t head = ((int64_t)b * 3 * heads + h) * plane;
+                const scalar_t *qp = qkv + head, *kp = qp + heads * plane, *vp = kp + heads * plane;
+                scalar_t *dqp = dqkv + head, *dkp = dqp + heads * plane, *dvp = dkp + heads * plane;
                 const scalar_t *bt = rpb + (int64_t)h * S * S;
                 scalar_t *dbt = dt + (int64_t)h * S * S;
                 int y1 = (blk + 1) * rows < H ? (blk + 1) * rows : H;
                 for (int y = blk * rows; y < y1; y++) {
                     int sy = clamp_int(y - K / 2, 0, H - K);
-                    for (int x = 0; x < W; x++) {
-                        int sx = clamp_int(x - K / 2, 0, W - K);
-                        int64_t p = (int64_t)y * W + x, o = ((int64_t)b * H * W + p) * C + h * d;
-                        const scalar_t *qi = qb + p * ts, *gi = dout + o, *oi = out + o;
-                        scalar_t l = lse[((int64_t)bh * H + y) * W + x];
-                        NAME(logits)(qi, kb, bt, s, scale, y, x, sy, sx, W, ts, d, K);
-#pragma omp simd
-                        for (int j = 0; j < KK; j++) s[j] = EXP(s[j] - l);  /* P */
-                        scalar_t D = 0;
-#pragma omp simd reduction(+:D)
-                        for (int c = 0; c < d; c++) D += gi[c] * oi[c];
-                        scalar_t *dqi = dqb + p * ts;
-                        for (int a = 0; a < K; a++) {
-                            int64_t row = ((int64_t)(sy + a) * W + sx) * ts;
-                            scalar_t *dbrow = dbt + (sy + a - y + K - 1) * S + (sx - x + K - 1);
-                            for (int j = 0; j < K; j++) {
-                                int64_t kj = row + (int64_t)j * ts;
-                                scalar_t w = s[a * K + j], dw = 0;
-#pragma omp simd reduction(+:dw)
-                                for (int c = 0; c < d; c++) dw += gi[c] * vb[kj + c];
-                                scalar_t ds = w * (dw - D), dss = ds * scale;
-                                dbrow[j] += ds;
-#pragma omp simd
-                                for (int c = 0; c < d; c++) {
-                                    dqi[c] += dss * kb[kj + c];
-                                    dkb[kj + c] += dss * qi[c];
-                                    dvb[kj + c] += w * gi[c];
-                                }
+                    for (int x0 = 0; x0 < W; x0 += NA_VB) {
+                        int rlo, R, n = W - x0 < NA_VB ? W - x0 : NA_VB;
+                        int interior = NAME(na_block)(x0, W, K, lo, &rlo, &R);
+                        int Rp = (R + NA_RC - 1) / NA_RC * NA_RC;
+                        int64_t off = (int64_t)sy * W + x0 + rlo, cs = HW, rs = W;
+                        const scalar_t *kb = kp + off, *vb = vp + off;
+                        scalar_t *dkb = dkp + off, *dvb = dvp + off;
+                        if (!interior) {
+                            NAME(na_window_copy)(kp, HW, W, sy, K, d, x0 + rlo, Lw, kw);
+                            NAME(na_window_copy)(vp, HW, W, sy, K, d, x0 + rlo, Lw, vw);
+                            memset(dkw, 0, sizeof(scalar_t) * 2 * win);  /* dkw, dvw */
+                            NAME(na_masks)(lo, K, rlo, R, mask);
+                            kb = kw, vb = vw, dkb = dkw, dvb = dvw, cs = Lw, rs = (int64_t)d * Lw;
+                        }
+                        NAME(na_lanes)(qp, HW, (int64_t)y * W + x0, n, d, scale, qb);
+                        for (int l = 0; l < NA_VB; l++) {  /* dO lanes, D = rowsum(dO * O), lse */
+                            scalar_t D = 0;
+                            const scalar_t *g = dout + (((int64_t)b * H + y) * W + x0 + l) * C + h * d;
+                            const scalar_t *o = out + (((int64_t)b * H + y) * W + x0 + l) * C + h * d;
+                            for (int c = 0; c < d; c++) {
+                                gb[c * NA_VB + l] = l < n ? g[c] : (scalar_t)0;
+                                D += l < n ? g[c] * o[c] : (scalar_t)0;
                             }
+                            Db[l] = D;
+                            lb[l] = l < n ? lse[(((int64_t)b * heads + h) * H + y) * W + x0 + l] : (scalar_t)0;
+                        }
+                        NAME(na_bias)(bt, K, sy, y, rlo, Rp, init);
+                        NAME(na_dots)(qb, kb, cs, rs, K, Rp, d, init, s);
+                        NAME(na_exp)(s, interior ? NULL : mask, K, R, Rp, lb, NULL, NULL);  /* P */
+                        NAME(na_dots)(gb, vb, cs, rs, K, Rp, d, NULL, ds);  /* dP = dO V^T */
+                        NAME(vec) Dv = *(NAME(vec) *)Db;
+                        for (int a = 0; a < K; a++)
+                            for (int r = 0; r < R; r++) {
+                                int64_t i = ((int64_t)a * Rp + r) * NA_VB;
+                                NAME(vec) g = *(NAME(vec) *)(s + i) * (*(NAME(vec) *)(ds + i) - Dv);
+                                *(NAME(vec) *)(ds + i) = g;  /* dS, w.r.t. the logits */
+                                scalar_t sum = 0;
+                                for (int l = 0; l < NA_VB; l++) sum += g[l];
+                                dbt[(sy + a - y + K - 1) * S + rlo + r + K - 1] += sum;
+                            }
+                        NAME(na_weighted)(ds, kb, cs, rs, K, R, Rp, d, ob);  /* dQ / scale */
+                        for (int c = 0; c < d; c++) {
+                            scalar_t *dq = dqp + c * HW + (int64_t)y * W + x0;
+                            for (int l = 0; l < n; l++) dq[l] = ob[c * NA_VB + l] * scale;
+                        }
+                        NAME(na_scatter)(ds, qb, dkb, cs, rs, K, R, Rp, d);  /* dK += dS^T (scale Q) */
+                        NAME(na_scatter)(s, gb, dvb, cs, rs, K, R, Rp, d);  /* dV += P^T dO */
+                        if (!interior) {
+                            NAME(na_window_add)(dkp, HW, W, sy, K, d, x0 + rlo, Lw, dkw);
+                            NAME(na_window_add)(dvp, HW, W, sy, K, d, x0 + rlo, Lw, dvw);
                         }
                     }
                 }
             }
         }
-        free(s);
+        free(mem);
     }
 }
 """
@@ -448,12 +638,59 @@ def native_library():
     return native.load('neighborhood_attention', _C_KERNELS, {'na_forward': (5, 7), 'na_backward': (8, 7)})
 
 
+#: Spare elements after a channel-major qkv: the kernels' vector loads of an interior
+#: block's last window offset may read one element past a key row.
+_QKV_TAIL = 64
+
+
+def _with_tail(shape, like: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous tensor of ``shape`` followed by ``_QKV_TAIL`` spare elements."""
+    numel = math.prod(shape)
+    return like.new_empty(numel + _QKV_TAIL)[:numel].view(shape)
+
+
+def _has_tail(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel() + _QKV_TAIL) \
+        * t.element_size()
+
+
+class _ChannelsFirstLinear(torch.autograd.Function):
+    """``(x W^T + b)^T``: a Linear layer on rows ``x (B, N, Cin)`` that writes its output
+    channel-major ``(B, Cout, N)`` (with ``_QKV_TAIL`` spare elements), the layout of the NA
+    kernels, and returns the gradient of ``x`` in ``x``'s own row-major layout (autograd of
+    a transposed matmul would return it channel-major, and the LayerNorm before would copy it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        B, N, _ = x.shape
+        out = _with_tail((B, weight.shape[0], N), x)
+        torch.baddbmm(bias.view(1, -1, 1), weight.expand(B, -1, -1), x.transpose(1, 2), out=out)
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = torch.matmul(grad_out.transpose(1, 2), weight)
+        grad_w = torch.bmm(grad_out, x).sum(0) if x.shape[0] > 1 else grad_out[0] @ x[0]
+        return grad_x, grad_w, grad_out.sum((0, 2))
+
+
+def project_channels_first(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear`` on a ``B x H x W x C`` map, returned as ``B x Cout x H x W`` (contiguous) for
+    ``neighborhood_attention_native``."""
+    B, H, W, C = x.shape
+    return in_full_precision(lambda x, w, b: _ChannelsFirstLinear.apply(x.reshape(B, H * W, C), w, b).view(B, -1, H, W),
+                             (x, linear.weight, linear.bias))
+
+
 class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
     """NA2D with relative position bias by the C kernels (CPU, float32 / float64)."""
 
     @staticmethod
     def forward(ctx, qkv, table, num_heads, kernel_size, scale):
-        B, H, W, C3 = qkv.shape
+        B, C3, H, W = qkv.shape
         d = C3 // (3 * num_heads)
         out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
         scale_ = qkv.new_tensor([scale])
@@ -467,9 +704,10 @@ class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         qkv, table, out, lse, scale_ = ctx.saved_tensors
         num_heads, kernel_size = ctx.args
-        B, H, W, C3 = qkv.shape
+        B, C3, H, W = qkv.shape
         threads = torch.get_num_threads()
-        dqkv, dtable = torch.zeros_like(qkv), table.new_zeros(threads, *table.shape)
+        dqkv, dtable = torch.empty_like(qkv), table.new_zeros(threads, *table.shape)
+        dqkv.view(B, 3, -1)[:, 1:].zero_()  # k and v are accumulated, q written once
         native.function(native_library(), 'na_backward', qkv.dtype)(
             *native.pointers(qkv, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dtable, scale_),
             B, num_heads, H, W, C3 // (3 * num_heads), kernel_size, threads)
@@ -478,26 +716,31 @@ class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
 
 def neighborhood_attention_native(qkv: torch.Tensor, bias_table: torch.Tensor, num_heads: int, kernel_size: int,
                                   scale: float) -> torch.Tensor:
-    """2D neighborhood attention by the C kernels, on the qkv projection's output as it is.
+    """2D neighborhood attention by the C kernels, on a channel-major qkv projection.
 
     Args:
-        qkv: ``B x H x W x (3 * heads * d)``: q, k, v, each ``heads x d``, per position;
-            ``H, W >= kernel_size``.
+        qkv: ``B x (3 * heads * d) x H x W``: q, k, v, each ``heads x d`` channels (as
+            ``project_channels_first`` writes them, which avoids a copy here); ``H, W >=
+            kernel_size``.
         bias_table: ``heads x (2k-1) x (2k-1)`` relative position bias.
         num_heads: Heads.
         kernel_size: Side ``k`` of the neighborhood.
         scale: Factor of the ``q . k`` products.
     Returns:
-        ``B x H x W x (heads * d)``, as ``neighborhood_attention`` on ``q * scale, k, v``.
-        Needs ``native.usable(qkv, native_library)``; runs in float32 under autocast.
+        ``B x H x W x (heads * d)`` (position-major, for the output projection), as
+        ``neighborhood_attention`` on ``q * scale, k, v``. Needs ``native.usable(qkv,
+        native_library)``; runs in float32 under autocast.
     """
-    H, W = qkv.shape[1:3]
+    H, W = qkv.shape[2:]
     if min(H, W) < kernel_size:
         raise ValueError(f'neighborhood attention needs maps of at least the kernel size {kernel_size}, got {H}x{W}')
-    return in_full_precision(
-        lambda qkv, table: _NativeNeighborhoodAttentionFunction.apply(qkv.contiguous(), table.contiguous(), num_heads,
-                                                                      kernel_size, scale),
-        (qkv, bias_table))
+
+    def run(qkv, table):
+        if not _has_tail(qkv):
+            qkv = _with_tail(qkv.shape, qkv).copy_(qkv)
+        return _NativeNeighborhoodAttentionFunction.apply(qkv, table.contiguous(), num_heads, kernel_size, scale)
+
+    return in_full_precision(run, (qkv, bias_table))
 
 
 @functools.lru_cache(maxsize=1)
@@ -573,11 +816,11 @@ class NeighborhoodAttention(nn.Module):
             x = F.pad(x, (0, max(0, ks - W), 0, max(0, ks - H)))
         x = x.permute(0, 2, 3, 1)
         Hp, Wp = x.shape[1:3]
-        qkv = self.qkv(x)
         path = self._path()
         if path == 'native':
-            out = neighborhood_attention_native(qkv, table, nh, ks, self.scale)
+            out = neighborhood_attention_native(project_channels_first(x, self.qkv), table, nh, ks, self.scale)
         else:
+            qkv = self.qkv(x)
             q, k, v = qkv.reshape(B, Hp, Wp, 3, nh, C // nh).permute(3, 0, 4, 1, 2, 5)
             q = q * self.scale
             if path == 'natten':
