@@ -203,7 +203,8 @@ class DeformableAttention(nn.Module):
         if fast:
             qy = _axis_grid(H, False, self.flavor, x.device, pos.dtype)
             qx = _axis_grid(W, False, self.flavor, x.device, pos.dtype)
-            out = ops.deformable_attention((q * self.scale).reshape(B * M, self.head_dims, H, W), k, v,
+            # the scale on the Ns keys, not on the H*W queries
+            out = ops.deformable_attention(q.reshape(B * M, self.head_dims, H, W), k * self.scale, v,
                                            pos.reshape(B * G, Ns, 2), self.relative_position_table, qy, qx, G)
             return self.proj_drop(_conv1x1(self.proj, out.reshape(B, C, H, W), channels_last=True))
         q = q.reshape(B * M, self.head_dims, H * W)

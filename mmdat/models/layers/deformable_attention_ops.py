@@ -506,7 +506,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pos, table, qy, qx, groups, tile_elements):
-        # q (BM, d, H, W) pre-scaled; k, v (BM, d, Ns); pos (BG, Ns, 2); table (M, Th, Tw) or None
+        # q (BM, d, H, W), k, v (BM, d, Ns), logits q . k; pos (BG, Ns, 2); table (M, Th, Tw) or None
         BM, d, H, W = q.shape
         Ns, BG = k.shape[-1], pos.shape[0]
         Mg = BM // BG
@@ -536,7 +536,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, pos, table, qy, qx, out, lse = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            grads = _backward(q, k, v, pos, table, qy, qx, out, lse, grad_out.to(q.dtype).contiguous(),
+            grads = _backward(q, k, v, pos, table, qy, qx, out, lse, grad_out.to(q.dtype),
                               ctx.groups, ctx.tile_elements)
         return grads + (None,) * 4
 
@@ -553,7 +553,11 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
     ka = torch.cat([k, ones], 1).view(BG, Mg, d + 1, Ns)
     va = torch.cat([v, ones], 1).view(BG, Mg, d + 1, Ns)
     qa = torch.cat([q.view(BM, d, H * W), -lse.view(BM, 1, H * W)], 1).view(BG, Mg, d + 1, H, W)
-    doa = torch.cat([dout.view(BM, d, H * W), -(dout * out).sum(1).view(BM, 1, H * W)], 1)
+    # dout may come in any layout (the output projection's backward gives it channels-last):
+    # the one copy is into doa
+    doa = q.new_empty(BM, d + 1, H, W)
+    doa[:, :d].copy_(dout)
+    torch.sum(doa[:, :d] * out, 1, out=doa[:, d]).neg_()
     doa = doa.view(BG, Mg, d + 1, H, W)
     tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
     buf, buf2 = _buffers(q, tiles, Mg * Ns * W, bias)
@@ -582,8 +586,9 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
     """Tiled deformable attention with bilinear relative-position bias, fwd and bwd.
 
     Args:
-        q: ``(B*M, d, H, W)`` queries, already multiplied by the scale.
-        k, v: ``(B*M, d, Ns)`` keys and values.
+        q: ``(B*M, d, H, W)`` queries.
+        k, v: ``(B*M, d, Ns)`` keys and values. The logits are ``q . k``: the caller folds
+            the attention scale into either (``k``, ``Ns`` long, is the cheaper one).
         pos: ``(B*G, Ns, 2)`` normalised ``(y, x)`` key positions.
         table: ``(M, Th, Tw)`` relative position table, or ``None`` for no bias.
         qy, qx: ``H`` and ``W`` normalised query grid coordinates.
