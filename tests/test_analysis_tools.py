@@ -4,6 +4,7 @@ import os.path as osp
 
 import mmcv
 import numpy as np
+import pytest
 import torch
 
 from conftest import REPO
@@ -83,3 +84,20 @@ def test_backbone_benchmark_merges_rounds_and_prints_ratios(capsys):
     assert fast[-3:] == ['fast', '/', 'reference']
     assert float(fast[8]) == round(results[1]['faults'] / 1000, 1) and results[1]['faults'] >= 0
     assert float(fast[9]) == round(results[1]['time'] / results[0]['time'], 2)
+
+
+def test_backbone_benchmark_times_whole_detectors(capsys):
+    """The detector cases run the real Mask R-CNN: inference through NMS and mask pasting,
+    and a training step on random boxes with masks; the report gives images per second."""
+    bench = _load('tools/analysis_tools/benchmark_backbone.py')
+    args = bench.parse_args(['--cases', 'detectors', '--detectors', 'dat_t', '--detector-size', '64x96',
+                             '--detector-batch', '2', '--repeats', '1', '--warmup', '0'])
+    cases = bench._cases(args, 'cpu')
+    assert [(c['kind'], c['mode'], c['size'], c['batch']) for c in cases] == [
+        ('detector', 'fwd', (64, 96), 2), ('detector', 'fwd+bwd', (64, 96), 2)]
+    results = [bench.run_case(case) for case in cases]
+    for r in results:
+        assert r['images_per_s'] == pytest.approx(2 / r['time']) and r['mem'] > 0
+    bench.report(results, 'cpu')
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('dat_t mrcnn')]
+    assert len(lines) == 2 and all(line.endswith('img/s)') for line in lines)

@@ -19,6 +19,12 @@ Cases:
   ``cfg.model.backbone`` with mmdet's registry (no checkpoint), at each ``--sizes``;
   ratios are model / Swin-T at the same size. DAT backbones run their default (fast)
   attention paths; ``--backbone-impls reference`` adds the reference paths.
+* ``detectors`` (not in the default list: minutes per case on a CPU): the whole Mask R-CNN
+  of the same three configs (``cfg.model``, random weights) on ``--detector-batch`` random
+  images of ``--detector-size`` (default 800x1280, i.e. 1280x800), through the model's data
+  preprocessor: ``fwd`` is inference (``mode='predict'``: RPN, RoI heads, NMS, masks pasted
+  at full size), ``fwd+bwd`` a training step (``mode='loss'`` on 10 random boxes with box
+  masks per image, then backward). The report adds images per second (``img/s``).
 
 Every case runs in a fresh subprocess, twice: ``fwd`` (eval mode, ``torch.no_grad()``)
 and ``fwd+bwd`` (train mode; forward, sum of the outputs, backward). Time: the median
@@ -73,7 +79,7 @@ BACKBONES = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--cases', nargs='+', default=['blocks', 'backbones'], choices=['blocks', 'backbones'])
+    p.add_argument('--cases', nargs='+', default=['blocks', 'backbones'], choices=['blocks', 'backbones', 'detectors'])
     p.add_argument('--blocks', nargs='+', default=list(BLOCKS), choices=list(BLOCKS))
     p.add_argument('--impls', nargs='+', default=['reference', 'fast'], choices=['reference', 'fast'],
                    help='deformable attention paths of the block cases')
@@ -81,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument('--backbone-impls', nargs='+', default=['fast'], choices=['reference', 'fast'],
                    help='attention paths of the DAT backbones (Swin-T has one)')
     p.add_argument('--sizes', nargs='+', default=['800x1344', '512x512'], help='backbone inputs HxW')
+    p.add_argument('--detectors', nargs='+', default=list(BACKBONES), choices=list(BACKBONES),
+                   help='Mask R-CNN configs of the detector cases')
+    p.add_argument('--detector-size', default='800x1280', help='detector input HxW')
+    p.add_argument('--detector-batch', type=int, default=1, help='images per detector step')
     p.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
     p.add_argument('--repeats', type=int, default=3, help='timed runs per case and round')
     p.add_argument('--rounds', type=int, default=1,
@@ -123,6 +133,32 @@ def _import(case):
     return MODELS
 
 
+def _detector_batch(size, batch: int, train: bool):
+    """``batch`` random uint8 images with their data samples; for training, 10 random boxes
+    per image with labels and box-shaped masks."""
+    import numpy as np
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    H, W = size
+    gen = torch.Generator().manual_seed(0)
+    images, samples = [], []
+    for _ in range(batch):
+        images.append(torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=gen))
+        sample = DetDataSample(metainfo=dict(img_shape=(H, W), ori_shape=(H, W), scale_factor=(1., 1.)))
+        if train:
+            corner = torch.rand(10, 2, generator=gen) * torch.tensor([W * 0.75, H * 0.75])
+            boxes = torch.cat([corner, corner + 16 + torch.rand(10, 2, generator=gen) * torch.tensor([W, H]) / 4], 1)
+            masks = np.zeros((10, H, W), dtype=np.uint8)
+            for m, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist()):
+                m[y0:y1, x0:x1] = 1
+            sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, 80, (10,), generator=gen),
+                                               masks=BitmapMasks(masks, H, W))
+        samples.append(sample)
+    return dict(inputs=images, data_samples=samples)
+
+
 def _build(case, factory):
     import torch
     if case['kind'] == 'block':
@@ -136,6 +172,9 @@ def _build(case, factory):
     backbone = cfg.model.backbone
     backbone.pop('init_cfg', None)
     backbone.pop('pretrained', None)
+    if case['kind'] == 'detector':
+        model = factory.build(cfg.model)
+        return model, _detector_batch(case['size'], case['batch'], case['mode'] == 'fwd+bwd')
     model = factory.build(backbone)
     for m in model.modules():
         if hasattr(m, 'attn_impl'):
@@ -160,20 +199,32 @@ def run_case(case) -> dict:
     base_rss = _rss_mb()
     torch.manual_seed(0)
     model, x = _build(case, factory)
-    model, x = model.to(device), x.to(device)
+    model = model.to(device)
     train = case['mode'] == 'fwd+bwd'
     model.train(train)
     amp = torch.autocast(device.type, dtype=torch.float16, enabled=case['amp'])
+    if case['kind'] == 'detector':
+        def forward():  # the data preprocessor moves the images to the model's device
+            data = model.data_preprocessor(x, train)
+            if train:
+                return model.parse_losses(model(**data, mode='loss'))[0]
+            return model(**data, mode='predict')
+    else:
+        x = x.to(device)
+
+        def forward():
+            out = model(x)
+            return _outputs_sum(out) if train else out
 
     def step():
         if train:
             model.zero_grad(set_to_none=True)
             with amp:
-                loss = _outputs_sum(model(x))
+                loss = forward()
             loss.backward()
         else:
             with torch.no_grad(), amp:
-                model(x)
+                forward()
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
@@ -190,6 +241,8 @@ def run_case(case) -> dict:
         faults.append(_minor_faults() - faults_start)
     result = dict(case, time=statistics.median(times), time_min=min(times), times=times,
                   cpu=statistics.median(cpu_times), faults=statistics.median(faults))
+    if case['kind'] == 'detector':
+        result['images_per_s'] = case['batch'] / result['time']
     if device.type == 'cuda':
         result['mem'] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -221,6 +274,12 @@ def _cases(args, device):
                         for mode in args.modes:
                             cases.append(dict(common, kind='backbone', name=name, impl=impl, size=(H, W),
                                               mode=mode, amp=amp))
+        if 'detectors' in args.cases:
+            H, W = (int(v) for v in args.detector_size.lower().split('x'))
+            for name in args.detectors:
+                for mode in args.modes:
+                    cases.append(dict(common, kind='detector', name=name, impl='-' if name == 'swin_t' else 'fast',
+                                      size=(H, W), mode=mode, amp=amp, batch=args.detector_batch))
     return cases
 
 
@@ -250,6 +309,8 @@ def _merge(runs):
     merged = dict(ok[0], times=times, time=statistics.median(times), time_min=min(times),
                   cpu=statistics.median(r['cpu'] for r in ok), faults=statistics.median(r['faults'] for r in ok),
                   rounds=len(ok))
+    if 'images_per_s' in merged:
+        merged['images_per_s'] = merged['batch'] / merged['time']
     for key in ('mem', 'peak_rss', 'base_rss'):
         if key in ok[0]:
             merged[key] = max(r[key] for r in ok)
@@ -258,7 +319,8 @@ def _merge(runs):
 
 def _label(r):
     size = 'x'.join(map(str, r['size'])) if r.get('size') else ''
-    return r['name'], size, r['impl'], r['mode'] + (' amp' if r['amp'] else '')
+    name = r['name'] + (' mrcnn' if r['kind'] == 'detector' else '')
+    return name, size, r['impl'], r['mode'] + (' amp' if r['amp'] else '')
 
 
 def _fmt_ratio(a, b):
@@ -282,8 +344,9 @@ def report(results, device):
         if r['kind'] == 'block':
             other, what = keyed.get((name, size, 'reference', mode)), 'fast / reference'
         else:
-            other = keyed.get(('swin_t', size, '-', mode))
-            what = f'{name} / swin_t'
+            swin = 'swin_t' + name[len(r['name']):]
+            other = keyed.get((swin, size, '-', mode))
+            what = f'{name} / {swin}'
         line = f'{name:14s} {size:9s} {impl:9s} {mode:12s} {r["time"]:8.3f} {r["time_min"]:8.3f} {r["mem"]:11.0f}'
         if device != 'cuda':
             line += f' {r["peak_rss"]:9.0f} {r["cpu"]:8.3f} {r["faults"] / 1000:8.1f}'
@@ -292,6 +355,8 @@ def report(results, device):
             if device != 'cuda':
                 line += f' {_fmt_ratio(r["cpu"], other["cpu"]):>7s}'
             line += f'  {what}'
+        if 'images_per_s' in r:
+            line += f'  ({r["images_per_s"]:.2f} img/s)'
         print(line)
 
 
