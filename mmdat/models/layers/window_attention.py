@@ -96,6 +96,7 @@ void NAME(wa_forward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t 
                     memset(row, 0, sizeof(scalar_t) * (size_t)N);
                     continue;
                 }
+#pragma omp simd reduction(max:mx)
                 for (int j = 0; j < N; j++) mx = row[j] > mx ? row[j] : mx;
 #pragma omp simd reduction(+:sum)
                 for (int j = 0; j < N; j++) {
