@@ -521,11 +521,11 @@ static void NAME(na_exp)(scalar_t *s, const scalar_t *mask, int K, int R, int Rp
     int64_t HW = (int64_t)H * W, plane = (int64_t)d * HW; \
     size_t win = ((size_t)K * d * Lw + NA_VB - 1) / NA_VB * NA_VB, blk = (size_t)K * Rmax * NA_VB; \
     size_t pads = (size_t)(Rmax + d) * (2 * Rmax + NA_VB); \
-    size_t total = 4 * win + 2 * blk + (size_t)(4 * d + Rmax + 4) * NA_VB + pads + (size_t)K * Rmax; \
+    size_t total = 4 * win + 2 * blk + (size_t)(3 * d + Rmax + 4) * NA_VB + pads + (size_t)K * Rmax; \
     scalar_t *mem = (scalar_t *)aligned_alloc(64, (sizeof(scalar_t) * total + 63) / 64 * 64); \
     scalar_t *kw = mem, *vw = kw + win, *dkw = vw + win, *dvw = dkw + win, *s = dvw + win, *ds = s + blk; \
-    scalar_t *qb = ds + blk, *gb = qb + d * NA_VB, *ob = gb + d * NA_VB, *tb = ob + d * NA_VB; \
-    scalar_t *mask = tb + d * NA_VB, *mx = mask + Rmax * NA_VB, *sm = mx + NA_VB, *lb = sm + NA_VB, *Db = lb + NA_VB; \
+    scalar_t *qb = ds + blk, *gb = qb + d * NA_VB, *ob = gb + d * NA_VB; \
+    scalar_t *mask = ob + d * NA_VB, *mx = mask + Rmax * NA_VB, *sm = mx + NA_VB, *lb = sm + NA_VB, *Db = lb + NA_VB; \
     scalar_t *wpad = Db + NA_VB, *xpad = wpad + (size_t)Rmax * (2 * Rmax + NA_VB), *init = wpad + pads; \
     memset(wpad, 0, sizeof(scalar_t) * pads); \
     int lo[64];
