@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,28 +64,31 @@ class ConvMlp(nn.Module):
 
 class _ConvMlpFunction(torch.autograd.Function):
     """``ConvMlp`` without dropout by the residual_dwconv C kernels, as one autograd node, on
-    ``B x H x W x C`` rows. Only the first 1x1 conv's output is kept for the backward pass:
-    the GELU output is recomputed there (one kernel pass), and it and the two hidden-size
-    gradients live in a kept :func:`.native.workspace`. That halves what the MLP keeps (the
-    hidden layer is 4x the block's width), and fresh hidden-size tensors cost more here than
-    the recomputation: the OS maps them anew, page by page, on every call."""
+    ``B x H x W x C`` rows. Nothing hidden-sized is kept for the backward pass: it recomputes
+    the first 1x1 conv from the input rows (which the weight gradient needs anyway) and the
+    GELU output from that (one kernel pass). The hidden layer, 4x the block's width, is most
+    of what an MLP would keep (600 MB of a DAT-T++ step at 800x1344), and fresh hidden-size
+    tensors cost more here than the recomputation: the OS maps them anew, page by page, on
+    every call. All hidden-size tensors live in a kept :func:`.native.workspace`."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, dw_weight, dw_bias, w2, b2):
         B, H, W, C = x.shape
         rows = x.view(-1, C)
-        hidden = torch.addmm(b1, rows, w1.t()).view(B, H, W, -1)
+        hidden, act = _scratch((B, H, W, w1.shape[0]), x.dtype, 2)
+        torch.addmm(b1, rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
         wt = rdw.tap_major(dw_weight)
-        act, = _scratch(hidden, 1)
         rdw.kernel_forward(hidden, wt, dw_bias, True, act)
-        ctx.save_for_backward(rows, w1, hidden, wt, dw_bias, w2)
+        ctx.save_for_backward(rows, w1, b1, wt, dw_bias, w2)
+        ctx.shape = (B, H, W, w1.shape[0])
         return torch.addmm(b2, act.view(-1, act.shape[-1]), w2.t()).view(B, H, W, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, w1, hidden, wt, dw_bias, w2 = ctx.saved_tensors
+        rows, w1, b1, wt, dw_bias, w2 = ctx.saved_tensors
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        act, grad_act = _scratch(hidden, 2)
+        hidden, act, grad_act = _scratch(ctx.shape, rows.dtype, 3)
+        torch.addmm(b1, rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
         rdw.kernel_forward(hidden, wt, dw_bias, True, act)
         grad_w2, grad_b2 = grad_out.t().mm(act.view(-1, act.shape[-1])), grad_out.sum(0)
         torch.mm(grad_out, w2, out=grad_act.view(-1, w2.shape[1]))
@@ -91,13 +96,13 @@ class _ConvMlpFunction(torch.autograd.Function):
         grad_dw_weight, grad_dw_bias = rdw.kernel_backward(hidden, wt, dw_bias, True, grad_act, grad_hidden)
         grad_hidden = grad_hidden.view(-1, w1.shape[0])
         grad_w1, grad_b1 = grad_hidden.t().mm(rows), grad_hidden.sum(0)
-        grad_x = grad_hidden.mm(w1).view(hidden.shape[:3] + (-1, ))
+        grad_x = grad_hidden.mm(w1).view(ctx.shape[:3] + (-1, ))
         return grad_x, grad_w1, grad_b1, grad_dw_weight, grad_dw_bias, grad_w2, grad_b2
 
 
-def _scratch(hidden: torch.Tensor, count: int):
-    """``count`` hidden-sized buffers of the kept workspace (the forward pass asks for one, so
-    that inference alone keeps half of what training does)."""
-    n = hidden.numel()
-    work = native.workspace('conv_mlp', count * n, hidden.dtype)
-    return tuple(work[i * n:(i + 1) * n].view_as(hidden) for i in range(count))
+def _scratch(shape, dtype: torch.dtype, count: int):
+    """``count`` hidden-sized buffers of the kept workspace (the forward pass asks for two,
+    the backward for three)."""
+    n = math.prod(shape)
+    work = native.workspace('conv_mlp', count * n, dtype)
+    return tuple(work[i * n:(i + 1) * n].view(shape) for i in range(count))
