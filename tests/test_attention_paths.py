@@ -336,10 +336,16 @@ def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, mo
 
 
 def _native_na(q, k, v, table, kernel, scale=1.0):
-    """``neighborhood_attention_native`` with the arguments of ``neighborhood_attention``."""
+    """``neighborhood_attention_native`` with the arguments of ``neighborhood_attention``: an
+    identity qkv projection of the map ``[q, k, v]`` (gradients flow back through it)."""
     B, nh, H, W, d = q.shape
-    qkv = torch.stack([q, k, v]).permute(1, 0, 2, 5, 3, 4).reshape(B, 3 * nh * d, H, W)
-    out = neighborhood_attention_native(qkv, table, nh, kernel, scale)
+    C = nh * d
+    x = torch.stack([q, k, v]).permute(1, 3, 4, 0, 2, 5).reshape(B, H, W, 3 * C)
+    linear = torch.nn.Linear(3 * C, 3 * C).to(q.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(3 * C))
+        linear.bias.zero_()
+    out = neighborhood_attention_native(x, linear, table, nh, kernel, scale)
     return out.reshape(B, H, W, nh, d).permute(0, 3, 1, 2, 4)
 
 
@@ -368,21 +374,24 @@ def test_neighborhood_native_matches_gather_float64(size, kernel, threads):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
 
 
+@needs_native_na
 @pytest.mark.parametrize('batch', [1, 2])
-def test_channel_major_projection(batch):
-    """The qkv projection of the C kernels: the Linear's values and gradients, its output
-    channel-major with spare elements after it (no copy before the kernels), and the input
-    gradient in the input's own position-major layout (no copy in the LayerNorm before)."""
-    linear = torch.nn.Linear(6, 9).double()
-    x = torch.randn(batch, 4, 5, 6, dtype=torch.double, requires_grad=True)
-    out = na_module.project_channels_first(x, linear)
-    assert out.shape == (batch, 9, 4, 5) and na_module._has_tail(out)
-    gout = torch.randn(out.shape, dtype=torch.double)
-    grads = torch.autograd.grad((out * gout).sum(), (x, linear.weight, linear.bias))
-    ref = linear(x).permute(0, 3, 1, 2)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(grads, torch.autograd.grad((ref * gout).sum(), (x, linear.weight, linear.bias))):
-        torch.testing.assert_close(a, b)
+def test_neighborhood_native_projection_gradients(batch):
+    """The C path owns the qkv projection (recomputed in backward): its weight, bias and
+    input gradients as the Linear layer's, the input gradient in the input's own layout."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(8, 24).double()
+    x = torch.randn(batch, 9, 10, 8, generator=gen, dtype=torch.double, requires_grad=True)
+    table = torch.randn(2, 13, 13, generator=gen, dtype=torch.double, requires_grad=True)
+    gout = torch.randn(batch, 9, 10, 8, generator=gen, dtype=torch.double)
+    params = (x, linear.weight, linear.bias, table)
+    fast = neighborhood_attention_native(x, linear, table, 2, 7, 0.5)
+    q, k, v = linear(x).reshape(batch, 9, 10, 3, 2, 4).permute(3, 0, 4, 1, 2, 5)
+    ref = neighborhood_attention(q * 0.5, k, v, table, 7).permute(0, 2, 3, 1, 4).reshape(batch, 9, 10, 8)
+    torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad((fast * gout).sum(), params)
+    for a, b in zip(grads, torch.autograd.grad((ref * gout).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert grads[0].is_contiguous()
 
 

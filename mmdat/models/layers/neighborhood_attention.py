@@ -1,5 +1,4 @@
 import functools
-import math
 import warnings
 from typing import Callable, Optional, Tuple
 
@@ -667,109 +666,86 @@ def native_library():
     return native.load('neighborhood_attention', _C_KERNELS, {'na_forward': (5, 7), 'na_backward': (8, 7)})
 
 
-#: Spare elements after a channel-major qkv: the kernels' vector loads of an interior
+#: Spare elements after the channel-major qkv: the kernels' vector loads of an interior
 #: block's last window offset may read one element past a key row.
 _QKV_TAIL = 64
 
 
-def _with_tail(shape, like: torch.Tensor) -> torch.Tensor:
-    """An empty contiguous tensor of ``shape`` followed by ``_QKV_TAIL`` spare elements."""
-    numel = math.prod(shape)
-    return like.new_empty(numel + _QKV_TAIL)[:numel].view(shape)
+def _qkv_buffers(rows: torch.Tensor, channels: int, count: int):
+    """``count`` channel-major ``(B, channels, N)`` buffers of a kept workspace, followed by
+    spare elements (the forward pass asks for one, the backward for two)."""
+    B, N, _ = rows.shape
+    numel = B * channels * N
+    work = native.workspace('neighborhood_attention', count * numel + _QKV_TAIL, rows.dtype)
+    return [work[i * numel:(i + 1) * numel].view(B, channels, N) for i in range(count)]
 
 
-def _has_tail(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel() + _QKV_TAIL) \
-        * t.element_size()
-
-
-class _ChannelsFirstLinear(torch.autograd.Function):
-    """``(x W^T + b)^T``: a Linear layer on rows ``x (B, N, Cin)`` that writes its output
-    channel-major ``(B, Cout, N)`` (with ``_QKV_TAIL`` spare elements), the layout of the NA
-    kernels, and returns the gradient of ``x`` in ``x``'s own row-major layout (autograd of
-    a transposed matmul would return it channel-major, and the LayerNorm before would copy it)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        B, N, _ = x.shape
-        out = _with_tail((B, weight.shape[0], N), x)
-        torch.baddbmm(bias.view(1, -1, 1), weight.expand(B, -1, -1), x.transpose(1, 2), out=out)
-        ctx.save_for_backward(x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = torch.matmul(grad_out.transpose(1, 2), weight)
-        grad_w = torch.bmm(grad_out, x).sum(0) if x.shape[0] > 1 else grad_out[0] @ x[0]
-        return grad_x, grad_w, grad_out.sum((0, 2))
-
-
-def project_channels_first(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``linear`` on a ``B x H x W x C`` map, returned as ``B x Cout x H x W`` (contiguous) for
-    ``neighborhood_attention_native``."""
-    B, H, W, C = x.shape
-    return in_full_precision(lambda x, w, b: _ChannelsFirstLinear.apply(x.reshape(B, H * W, C), w, b).view(B, -1, H, W),
-                             (x, linear.weight, linear.bias))
+def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The qkv projection of ``rows (B, N, C)`` written channel-major into ``out (B, 3C, N)``."""
+    return torch.baddbmm(bias.view(1, -1, 1), weight.expand(rows.shape[0], -1, -1), rows.transpose(1, 2), out=out)
 
 
 class _NativeNeighborhoodAttentionFunction(torch.autograd.Function):
-    """NA2D with relative position bias by the C kernels (CPU, float32 / float64)."""
+    """The qkv projection and NA2D with relative position bias by the C kernels (CPU, float32 /
+    float64), one autograd node. The projection is written channel-major into a kept
+    workspace and recomputed in the backward pass instead of being kept: it is 3x the block's
+    width (221 MB of a DAT-T++ step at 800x1344), and its gradient lives in the workspace too.
+    Kept: the input rows (for the weight gradient anyway), the output and the log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, qkv, table, num_heads, kernel_size, scale):
-        B, C3, H, W = qkv.shape
-        d = C3 // (3 * num_heads)
-        out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
-        scale_ = qkv.new_tensor([scale])
-        native.function(native_library(), 'na_forward', qkv.dtype)(
-            *native.pointers(qkv, table, out, lse, scale_), B, num_heads, H, W, d, kernel_size, torch.get_num_threads())
-        ctx.save_for_backward(qkv, table, out, lse, scale_)
-        ctx.args = (num_heads, kernel_size)
+    def forward(ctx, rows, weight, bias, table, H, W, num_heads, kernel_size, scale):
+        B, C = rows.shape[0], weight.shape[0] // 3
+        qkv = _project(rows, weight, bias, *_qkv_buffers(rows, weight.shape[0], 1))
+        out, lse = rows.new_empty(B, H, W, C), rows.new_empty(B, num_heads, H, W)
+        scale_ = rows.new_tensor([scale])
+        native.function(native_library(), 'na_forward', rows.dtype)(
+            *native.pointers(qkv, table, out, lse, scale_), B, num_heads, H, W, C // num_heads, kernel_size,
+            torch.get_num_threads())
+        ctx.save_for_backward(rows, weight, bias, table, out, lse, scale_)
+        ctx.args = (H, W, num_heads, kernel_size)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qkv, table, out, lse, scale_ = ctx.saved_tensors
-        num_heads, kernel_size = ctx.args
-        B, C3, H, W = qkv.shape
+        rows, weight, bias, table, out, lse, scale_ = ctx.saved_tensors
+        H, W, num_heads, kernel_size = ctx.args
+        B, C = rows.shape[0], weight.shape[0] // 3
         threads = torch.get_num_threads()
-        dqkv, dtable = torch.empty_like(qkv), table.new_zeros(threads, *table.shape)
-        dqkv.view(B, 3, -1)[:, 1:].zero_()  # k and v are accumulated, q written once
-        native.function(native_library(), 'na_backward', qkv.dtype)(
-            *native.pointers(qkv, table, out, lse, grad_out.to(qkv.dtype).contiguous(), dqkv, dtable, scale_),
-            B, num_heads, H, W, C3 // (3 * num_heads), kernel_size, threads)
-        return dqkv, dtable.sum(0), None, None, None
+        qkv, dqkv = _qkv_buffers(rows, weight.shape[0], 2)
+        _project(rows, weight, bias, qkv)
+        dqkv[:, C:].zero_()  # k and v are accumulated, q written once
+        dtable = table.new_zeros(threads, *table.shape)
+        native.function(native_library(), 'na_backward', rows.dtype)(
+            *native.pointers(qkv, table, out, lse, grad_out.to(rows.dtype).contiguous(), dqkv, dtable, scale_),
+            B, num_heads, H, W, C // num_heads, kernel_size, threads)
+        grad_rows = torch.matmul(dqkv.transpose(1, 2), weight)  # (B, N, C), the rows' own layout
+        grad_weight = torch.bmm(dqkv, rows).sum(0) if B > 1 else dqkv[0] @ rows[0]
+        return grad_rows, grad_weight, dqkv.sum((0, 2)), dtable.sum(0), None, None, None, None, None
 
 
-def neighborhood_attention_native(qkv: torch.Tensor, bias_table: torch.Tensor, num_heads: int, kernel_size: int,
-                                  scale: float) -> torch.Tensor:
-    """2D neighborhood attention by the C kernels, on a channel-major qkv projection.
+def neighborhood_attention_native(x: torch.Tensor, qkv: nn.Linear, bias_table: torch.Tensor, num_heads: int,
+                                  kernel_size: int, scale: float) -> torch.Tensor:
+    """The qkv projection and 2D neighborhood attention by the C kernels.
 
     Args:
-        qkv: ``B x (3 * heads * d) x H x W``: q, k, v, each ``heads x d`` channels (as
-            ``project_channels_first`` writes them, which avoids a copy here); ``H, W >=
-            kernel_size``.
+        x: ``B x H x W x Cin`` map, ``H, W >= kernel_size``.
+        qkv: The ``Cin -> 3C`` projection (q, k, v, each ``heads x d`` channels).
         bias_table: ``heads x (2k-1) x (2k-1)`` relative position bias.
         num_heads: Heads.
         kernel_size: Side ``k`` of the neighborhood.
         scale: Factor of the ``q . k`` products.
     Returns:
-        ``B x H x W x (heads * d)`` (position-major, for the output projection), as
-        ``neighborhood_attention`` on ``q * scale, k, v``. Needs ``native.usable(qkv,
-        native_library)``; runs in float32 under autocast.
+        ``B x H x W x C`` (before the output projection), as ``neighborhood_attention`` on
+        ``q * scale, k, v``. Needs ``native.usable(x, native_library)``; runs in float32
+        under autocast.
     """
-    H, W = qkv.shape[2:]
+    B, H, W, Cin = x.shape
     if min(H, W) < kernel_size:
         raise ValueError(f'neighborhood attention needs maps of at least the kernel size {kernel_size}, got {H}x{W}')
-
-    def run(qkv, table):
-        if not _has_tail(qkv):
-            qkv = _with_tail(qkv.shape, qkv).copy_(qkv)
-        return _NativeNeighborhoodAttentionFunction.apply(qkv, table.contiguous(), num_heads, kernel_size, scale)
-
-    return in_full_precision(run, (qkv, bias_table))
+    return in_full_precision(
+        lambda x, w, b, table: _NativeNeighborhoodAttentionFunction.apply(
+            x.reshape(B, H * W, Cin), w, b, table.contiguous(), H, W, num_heads, kernel_size, scale),
+        (x, qkv.weight, qkv.bias, bias_table))
 
 
 @functools.lru_cache(maxsize=1)
@@ -847,7 +823,7 @@ class NeighborhoodAttention(nn.Module):
         Hp, Wp = x.shape[1:3]
         path = self._path()
         if path == 'native':
-            out = neighborhood_attention_native(project_channels_first(x, self.qkv), table, nh, ks, self.scale)
+            out = neighborhood_attention_native(x, self.qkv, table, nh, ks, self.scale)
         else:
             qkv = self.qkv(x)
             q, k, v = qkv.reshape(B, Hp, Wp, 3, nh, C // nh).permute(3, 0, 4, 1, 2, 5)
