@@ -428,39 +428,18 @@ static void NAME(na_weighted)(const scalar_t *w, const scalar_t *vb, int64_t cs,
     }
 }
 
-/* val[a][c][u] += sum over r of w[a][r][u - r] * xb[c][u - r] for key columns u of the block
-   (u - r a lane, r < R), summed in registers over r for one vector of columns at a time:
-   one read-modify-write per vector of key columns instead of one per offset. The windows of
-   columns start at o = 0, VB, ... (the last one ends at the last key column; lanes that an
-   earlier window covered are dropped). wpad (Rmax rows) and xpad (d rows) are zero-padded
-   rows of P = 2 Rmax + VB elements, values at Rmax, so that shifted loads read zeros. */
+/* val[a][c][r + lane] += w[a][r] * xb[c] for r < R. Offsets outermost: the unaligned
+   read-modify-writes of offsets r and r + 1 overlap, and a load that overlaps a store still
+   in flight cannot take its data from it; K * d other stores in between let it retire. */
 static void NAME(na_scatter)(const scalar_t *w, const scalar_t *xb, scalar_t *vb, int64_t cs, int64_t rs, int K,
-                             int R, int Rp, int d, int Rmax, scalar_t *wpad, scalar_t *xpad) {
-    int P = 2 * Rmax + NA_VB, total = R - 1 + NA_VB, nv = (total + NA_VB - 1) / NA_VB;
-    for (int c = 0; c < d; c++) *(NAME(uvec) *)(xpad + c * P + Rmax) = *(const NAME(vec) *)(xb + c * NA_VB);
-    for (int a = 0; a < K; a++) {
-        for (int r = 0; r < Rp; r++)
-            *(NAME(uvec) *)(wpad + r * P + Rmax) = r < R ? *(const NAME(vec) *)(w + ((int64_t)a * Rp + r) * NA_VB)
-                                                         : (NAME(vec)){0};
-        for (int j = 0; j < nv; j++) {
-            int o = j * NA_VB < total - NA_VB ? j * NA_VB : total - NA_VB;
-            NAME(vec) keep;
-            for (int l = 0; l < NA_VB; l++) keep[l] = o + l >= j * NA_VB ? (scalar_t)1 : (scalar_t)0;
-            for (int r0 = 0; r0 < Rp; r0 += NA_RC) {
-                NAME(vec) ws[NA_RC];
-                for (int i = 0; i < NA_RC; i++)
-                    ws[i] = *(const NAME(uvec) *)(wpad + (r0 + i) * P + Rmax + o - (r0 + i)) * keep;
-                scalar_t *dst = vb + a * rs + o;
-                const scalar_t *xs = xpad + Rmax + o - r0;
-                for (int c = 0; c < d; c++, dst += cs, xs += P) {
-                    NAME(vec) acc = *(NAME(uvec) *)dst;
-#pragma GCC unroll 8
-                    for (int i = 0; i < NA_RC; i++) acc += ws[i] * *(const NAME(uvec) *)(xs - i);
-                    *(NAME(uvec) *)dst = acc;
-                }
-            }
+                             int R, int Rp, int d) {
+    for (int r = 0; r < R; r++)
+        for (int a = 0; a < K; a++) {
+            NAME(vec) p = *(const NAME(vec) *)(w + ((int64_t)a * Rp + r) * NA_VB);
+            scalar_t *vr = vb + a * rs + r;
+            for (int c = 0; c < d; c++, vr += cs)
+                *(NAME(uvec) *)vr = *(NAME(uvec) *)vr + p * *(const NAME(vec) *)(xb + c * NA_VB);
         }
-    }
 }
 
 /* Per block: bias init[a][r] (0 past the table), the 0/1 masks of each offset's lanes
@@ -519,14 +498,12 @@ static void NAME(na_exp)(scalar_t *s, const scalar_t *mask, int K, int R, int Rp
     int S = 2 * K - 1, Rmax = (S + NA_RC - 1) / NA_RC * NA_RC, Lw = Rmax + NA_VB; \
     int64_t HW = (int64_t)H * W, plane = (int64_t)d * HW; \
     size_t win = ((size_t)K * d * Lw + NA_VB - 1) / NA_VB * NA_VB, blk = (size_t)K * Rmax * NA_VB; \
-    size_t pads = (size_t)(Rmax + d) * (2 * Rmax + NA_VB); \
-    size_t total = 4 * win + 2 * blk + (size_t)(3 * d + Rmax + 4) * NA_VB + pads + (size_t)K * Rmax; \
+    size_t total = 4 * win + 2 * blk + (size_t)(3 * d + Rmax + 4) * NA_VB + (size_t)K * Rmax; \
     scalar_t *mem = (scalar_t *)aligned_alloc(64, (sizeof(scalar_t) * total + 63) / 64 * 64); \
     scalar_t *kw = mem, *vw = kw + win, *dkw = vw + win, *dvw = dkw + win, *s = dvw + win, *ds = s + blk; \
     scalar_t *qb = ds + blk, *gb = qb + d * NA_VB, *ob = gb + d * NA_VB; \
     scalar_t *mask = ob + d * NA_VB, *mx = mask + Rmax * NA_VB, *sm = mx + NA_VB, *lb = sm + NA_VB, *Db = lb + NA_VB; \
-    scalar_t *wpad = Db + NA_VB, *xpad = wpad + (size_t)Rmax * (2 * Rmax + NA_VB), *init = wpad + pads; \
-    memset(wpad, 0, sizeof(scalar_t) * pads); \
+    scalar_t *init = Db + NA_VB; \
     int lo[64];
 
 void NAME(na_forward)(const scalar_t *qkv, const scalar_t *rpb, scalar_t *out, scalar_t *lse, scalar_t *scale_,
@@ -644,8 +621,8 @@ void NAME(na_backward)(const scalar_t *qkv, const scalar_t *rpb, const scalar_t 
                             scalar_t *dq = dqp + c * HW + (int64_t)y * W + x0;
                             for (int l = 0; l < n; l++) dq[l] = ob[c * NA_VB + l] * scale;
                         }
-                        NAME(na_scatter)(ds, qb, dkb, cs, rs, K, R, Rp, d, Rmax, wpad, xpad);  /* dK += dS^T (scale Q) */
-                        NAME(na_scatter)(s, gb, dvb, cs, rs, K, R, Rp, d, Rmax, wpad, xpad);  /* dV += P^T dO */
+                        NAME(na_scatter)(ds, qb, dkb, cs, rs, K, R, Rp, d);  /* dK += dS^T (scale Q) */
+                        NAME(na_scatter)(s, gb, dvb, cs, rs, K, R, Rp, d);  /* dV += P^T dO */
                         if (!interior) {
                             NAME(na_window_add)(dkp, HW, W, sy, K, d, x0 + rlo, Lw, dkw);
                             NAME(na_window_add)(dvp, HW, W, sy, K, d, x0 + rlo, Lw, dvw);
