@@ -1,5 +1,3 @@
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,21 +73,19 @@ class _ConvMlpFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, dw_weight, dw_bias, w2, b2):
         B, H, W, C = x.shape
         rows = x.view(-1, C)
-        hidden, act = _scratch((B, H, W, w1.shape[0]), x.dtype, 2)
-        torch.addmm(b1, rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
         wt = rdw.tap_major(dw_weight)
-        rdw.kernel_forward(hidden, wt, dw_bias, True, act)
-        ctx.save_for_backward(rows, w1, b1, wt, dw_bias, w2)
         ctx.shape = (B, H, W, w1.shape[0])
+        hidden, act = native.workspace_views('conv_mlp', ctx.shape, x.dtype, 2)
+        _hidden_layer(rows, w1, b1, wt, dw_bias, hidden, act)
+        ctx.save_for_backward(rows, w1, b1, wt, dw_bias, w2)
         return torch.addmm(b2, act.view(-1, act.shape[-1]), w2.t()).view(B, H, W, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, w1, b1, wt, dw_bias, w2 = ctx.saved_tensors
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        hidden, act, grad_act = _scratch(ctx.shape, rows.dtype, 3)
-        torch.addmm(b1, rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
-        rdw.kernel_forward(hidden, wt, dw_bias, True, act)
+        hidden, act, grad_act = native.workspace_views('conv_mlp', ctx.shape, rows.dtype, 3)
+        _hidden_layer(rows, w1, b1, wt, dw_bias, hidden, act)
         grad_w2, grad_b2 = grad_out.t().mm(act.view(-1, act.shape[-1])), grad_out.sum(0)
         torch.mm(grad_out, w2, out=grad_act.view(-1, w2.shape[1]))
         grad_hidden = act  # the GELU output is no longer needed
@@ -100,9 +96,7 @@ class _ConvMlpFunction(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_dw_weight, grad_dw_bias, grad_w2, grad_b2
 
 
-def _scratch(shape, dtype: torch.dtype, count: int):
-    """``count`` hidden-sized buffers of the kept workspace (the forward pass asks for two,
-    the backward for three)."""
-    n = math.prod(shape)
-    work = native.workspace('conv_mlp', count * n, dtype)
-    return tuple(work[i * n:(i + 1) * n].view(shape) for i in range(count))
+def _hidden_layer(rows, w1, b1, wt, dw_bias, hidden: torch.Tensor, act: torch.Tensor):
+    """``hidden`` = the first 1x1 conv of ``rows``; ``act`` = GELU(hidden + DWConv3x3(hidden))."""
+    torch.addmm(b1, rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
+    rdw.kernel_forward(hidden, wt, dw_bias, True, act)

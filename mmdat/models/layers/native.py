@@ -11,6 +11,7 @@ available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``
 """
 import ctypes
 import hashlib
+import math
 import os
 import os.path as osp
 import platform
@@ -165,6 +166,15 @@ def workspace(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         with torch.inference_mode(False):  # usable in and out of inference mode
             work = cache[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return work
+
+
+def workspace_views(name: str, shape: Tuple[int, ...], dtype: torch.dtype, count: int,
+                    spare: int = 0) -> List[torch.Tensor]:
+    """``count`` contiguous tensors of ``shape`` laid end to end in :func:`workspace` ``name``,
+    followed by ``spare`` more elements (for kernels whose vector loads may run past the end)."""
+    numel = math.prod(shape)
+    work = workspace(name, count * numel + spare, dtype)
+    return [work[i * numel:(i + 1) * numel].view(shape) for i in range(count)]
 
 
 def _source(kernels: str) -> str:
