@@ -512,7 +512,9 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         Mg = BM // BG
         bias = _make_bias(pos, table, qy, qx, groups)
         out = q.new_empty(BM, d, H, W)
-        lse = q.new_empty(BM, H, W)
+        # the denominators and maxima per tile, the log-sum-exp from them at the end: a log
+        # per tile, of a strided slice, was 9 parallel regions (each a wake-up of the workers)
+        lse, mx = q.new_empty(BM, H, W), q.new_empty(BM, H, W)
         tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
         buf, buf2 = _buffers(q, tiles, Mg * Ns * W, bias)
         qv, kv = q.view(BG, Mg, d, H, W), k.view(BG, Mg, d, Ns)
@@ -526,8 +528,10 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             m = bias.forward_tile(g, a, S, kt, qt, buf2)
             o = torch.bmm(vv[g].reshape(n * Mg, d + 1, Ns), _flat(S))
             l = o[:, d:]
-            out.view(BG, Mg, d, H, W)[g, :, :, a] = (o[:, :d] / l).view(n, Mg, d, A, W)
-            lse.view(BG, Mg, H, W)[g, :, a] = (m + l.log()).view(n, Mg, A, W)
+            torch.div(o[:, :d].view(n, Mg, d, A, W), l.view(n, Mg, 1, A, W), out=out.view(BG, Mg, d, H, W)[g, :, :, a])
+            lse.view(BG, Mg, H, W)[g, :, a] = l.view(n, Mg, A, W)
+            mx.view(BG, Mg, H, W)[g, :, a] = m.view(n, Mg, A, W)
+        lse.log_().add_(mx)
         ctx.save_for_backward(q, k, v, pos, table, qy, qx, out, lse)
         ctx.groups, ctx.tile_elements = groups, tile_elements
         return out
