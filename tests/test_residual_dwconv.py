@@ -50,6 +50,35 @@ def test_native_matches_pytorch_float64(shape, gelu, threads):
 
 
 @needs_native
+@pytest.mark.parametrize('shape', [(2, 5, 7, 6), (1, 1, 1, 3), (3, 8, 2, 17)])
+@pytest.mark.parametrize('gelu', [True, False], ids=['gelu', 'identity'])
+@pytest.mark.parametrize('threads', [1, 3])
+def test_native_input_bias_is_added_before_the_conv(shape, gelu, threads):
+    """``input_bias`` (the MLP's first 1x1 conv bias, never added to the map) acts as if added to
+    every position of ``x``, the zero padding around it included: output and the gradients
+    w.r.t. input, bias, weight and the input bias (the sum of the input gradient)."""
+    gen = torch.Generator().manual_seed(1)
+    Ch = shape[-1]
+    conv = nn.Conv2d(Ch, Ch, 3, padding=1, groups=Ch).double()
+    x, gout = torch.randn(shape, generator=gen, dtype=torch.double), torch.randn(shape, generator=gen, dtype=torch.double)
+    u = torch.randn(Ch, generator=gen, dtype=torch.double) * 2
+    wt = module.tap_major(conv.weight.detach())
+    out, gx = torch.empty_like(x), torch.empty_like(x)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        module.kernel_forward(x, wt, conv.bias.detach(), gelu, out, input_bias=u)
+        dweight, dbias = module.kernel_backward(x, wt, conv.bias.detach(), gelu, gout, gx, input_bias=u)
+    finally:
+        torch.set_num_threads(previous)
+    xr, ur = x.clone().requires_grad_(), u.clone().requires_grad_()
+    ref = _reference(xr + ur, conv, gelu)
+    grads = torch.autograd.grad((ref * gout).sum(), (xr, conv.weight, conv.bias, ur))
+    for a, b in zip((out, gx, dweight, dbias, gx.sum((0, 1, 2))), (ref,) + grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@needs_native
 def test_native_float32_gelu_is_pytorchs():
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(32, 32, 3, padding=1, groups=32)
@@ -66,7 +95,7 @@ def test_native_float32_gelu_is_pytorchs():
 def test_conv_mlp_and_local_perception_run_the_kernels_on_cpu_unless_disabled(monkeypatch):
     calls = []
     real = module.kernel_forward
-    monkeypatch.setattr(module, 'kernel_forward', lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(module, 'kernel_forward', lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     torch.manual_seed(0)
     block = DATBlock(nn.Identity(), 16, conv_mlp=True, local_perception=True)
     x = torch.randn(2, 16, 6, 5)

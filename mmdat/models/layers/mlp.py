@@ -89,7 +89,8 @@ class _ConvMlpFunction(torch.autograd.Function):
         grad_w2, grad_b2 = grad_out.t().mm(act.view(-1, act.shape[-1])), grad_out.sum(0)
         torch.mm(grad_out, w2, out=grad_act.view(-1, w2.shape[1]))
         grad_hidden = act  # the GELU output is no longer needed
-        grad_dw_weight, grad_dw_bias = rdw.kernel_backward(hidden, wt, dw_bias, True, grad_act, grad_hidden)
+        grad_dw_weight, grad_dw_bias = rdw.kernel_backward(hidden, wt, dw_bias, True, grad_act, grad_hidden,
+                                                           input_bias=b1)
         grad_hidden = grad_hidden.view(-1, w1.shape[0])
         grad_w1, grad_b1 = grad_hidden.t().mm(rows), grad_hidden.sum(0)
         grad_x = grad_hidden.mm(w1).view(ctx.shape[:3] + (-1, ))
@@ -97,6 +98,8 @@ class _ConvMlpFunction(torch.autograd.Function):
 
 
 def _hidden_layer(rows, w1, b1, wt, dw_bias, hidden: torch.Tensor, act: torch.Tensor):
-    """``hidden`` = the first 1x1 conv of ``rows``; ``act`` = GELU(hidden + DWConv3x3(hidden))."""
-    torch.addmm(b1, rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
-    rdw.kernel_forward(hidden, wt, dw_bias, True, act)
+    """``hidden`` = the first 1x1 conv of ``rows`` without its bias ``b1`` (the kernel adds it
+    on the fly: one pass fewer over the hidden layer); ``act`` = GELU(y + DWConv3x3(y)),
+    ``y = hidden + b1``."""
+    torch.mm(rows, w1.t(), out=hidden.view(-1, w1.shape[0]))
+    rdw.kernel_forward(hidden, wt, dw_bias, True, act, input_bias=b1)

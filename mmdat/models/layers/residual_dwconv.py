@@ -8,7 +8,7 @@ recomputes the pre-activation instead of storing it. Other devices, autocast and
 use the PyTorch ops.
 """
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -79,32 +79,46 @@ static void NAME(preactivation_row)(const scalar_t *xb, const scalar_t *wt, cons
     }
 }
 
-void NAME(residual_dwconv_forward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias, scalar_t *out,
-                                   int B, int H, int W, int Ch, int gelu, int nthreads) {
+/* With an input bias u (x_bias: the map is x + u), z = x + c + sum_k wt[k] x_k with c = bias + u (1 + sum_k
+   wt[k]) and the taps outside the map reading edge = -u instead of zeros: u needs no pass of its own.
+   The weight gradient read through edge is short of u sum(g), added by the caller. */
+static void NAME(input_bias_terms)(const scalar_t *wt, const scalar_t *bias, const scalar_t *x_bias, int Ch,
+                                   scalar_t *edge, scalar_t *c) {
+    for (int ch = 0; ch < Ch; ch++) {
+        scalar_t w = 1;
+        for (int k = 0; k < 9; k++) w += wt[k * Ch + ch];
+        edge[ch] = x_bias ? -x_bias[ch] : (scalar_t)0;
+        c[ch] = x_bias ? bias[ch] + x_bias[ch] * w : bias[ch];
+    }
+}
+
+void NAME(residual_dwconv_forward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias, const scalar_t *x_bias,
+                                   scalar_t *out, int B, int H, int W, int Ch, int gelu, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
+        scalar_t *edge = (scalar_t *)malloc(sizeof(scalar_t) * 2 * (size_t)Ch), *c = edge + Ch;
+        NAME(input_bias_terms)(wt, bias, x_bias, Ch, edge, c);
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
             scalar_t *o = out + bi * W * Ch;
-            NAME(preactivation_row)(x + bi / H * H * W * Ch, wt, bias, zeros, H, W, Ch, (int)(bi % H), gelu, NULL,
+            NAME(preactivation_row)(x + bi / H * H * W * Ch, wt, c, edge, H, W, Ch, (int)(bi % H), gelu, NULL,
                                     out + bi * W * Ch);
         }
-        free(zeros);
+        free(edge);
     }
 }
 
 /* dw[k] += sum_j g[j] x[j + o_k] and db += sum_j g[j] along one row (taps outside the map read
-   zeros). The row order keeps every read contiguous: a walk over the columns for a block of
+   edge). The row order keeps every read contiguous: a walk over the columns for a block of
    channels strides by Ch, one L1 set for all its reads, and measured 2x slower. dw is read and
    written once per pair of columns; with (9 + 1) x Ch values it stays in L1. */
-static inline void NAME(weight_grad_row)(const scalar_t **xrows, const scalar_t *g, const scalar_t *zeros, int W,
-                                         int Ch, scalar_t *dw, scalar_t *db) {
+static inline void NAME(weight_grad_row)(const scalar_t **xrows, const scalar_t *g, const scalar_t *edge,
+                                         const scalar_t *zeros, int W, int Ch, scalar_t *dw, scalar_t *db) {
     const scalar_t *p[9], *q[9];
     for (int j = 0; j < W; j += 2) {
         const scalar_t *g0 = g + (int64_t)j * Ch, *g1 = j + 1 < W ? g0 + Ch : zeros;
-        NAME(taps)(xrows, zeros, W, Ch, j, 1, p);
-        NAME(taps)(xrows, zeros, W, Ch, j + 1, 1, q);
+        NAME(taps)(xrows, edge, W, Ch, j, 1, p);
+        NAME(taps)(xrows, edge, W, Ch, j + 1, 1, q);
 #pragma omp simd
         for (int c = 0; c < Ch; c++) {
             scalar_t a = g0[c], b = g1[c];
@@ -127,7 +141,7 @@ static inline void NAME(weight_grad_row)(const scalar_t **xrows, const scalar_t 
    pre-activation. With GELU, each thread keeps the rows of g it needs in a ring of three,
    recomputed from x (the rows next to its band twice), instead of a full-size buffer. */
 void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias,
-                                    const scalar_t *gout, scalar_t *gx, scalar_t *dwt, scalar_t *dbias,
+                                    const scalar_t *x_bias, const scalar_t *gout, scalar_t *gx, scalar_t *dwt, scalar_t *dbias,
                                     int B, int H, int W, int Ch, int gelu, int nthreads) {
     int64_t row_len = (int64_t)W * Ch;
 #pragma omp parallel num_threads(nthreads)
@@ -135,6 +149,8 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
         scalar_t *dw = dwt + (int64_t)omp_get_thread_num() * 9 * Ch;
         scalar_t *db = dbias + (int64_t)omp_get_thread_num() * Ch;
         scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
+        scalar_t *edge = (scalar_t *)malloc(sizeof(scalar_t) * 2 * (size_t)Ch), *c = edge + Ch;
+        NAME(input_bias_terms)(wt, bias, x_bias, Ch, edge, c);
         scalar_t *ring = gelu ? (scalar_t *)malloc(sizeof(scalar_t) * (size_t)(3 * row_len)) : NULL;
         int64_t held[3] = {-1, -1, -1};
         const scalar_t *xrows[3], *grows[3], *p[9];
@@ -151,7 +167,7 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
                     } else {
                         scalar_t *slot = ring + (r % 3) * row_len;
                         if (held[r % 3] != r) {
-                            NAME(preactivation_row)(xb, wt, bias, zeros, H, W, Ch, i + di, 1, gout + r * row_len, slot);
+                            NAME(preactivation_row)(xb, wt, c, edge, H, W, Ch, i + di, 1, gout + r * row_len, slot);
                             held[r % 3] = r;
                         }
                         row = slot;
@@ -164,9 +180,10 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
                 NAME(taps)(grows, zeros, W, Ch, j, -1, p);
                 NAME(tap_sum)(p, wt, grows[1] + (int64_t)j * Ch, zeros, gx + bi * row_len + (int64_t)j * Ch, Ch);
             }
-            NAME(weight_grad_row)(xrows, grows[1], zeros, W, Ch, dw, db);
+            NAME(weight_grad_row)(xrows, grows[1], edge, zeros, W, Ch, dw, db);
         }
         free(ring);
+        free(edge);
         free(zeros);
     }
 }
@@ -177,7 +194,7 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
 def native_library():
     """The compiled kernels, or ``None`` (see :mod:`.native`)."""
     return native.load('residual_dwconv', _C_KERNELS,
-                       {'residual_dwconv_forward': (4, 6), 'residual_dwconv_backward': (7, 6)},
+                       {'residual_dwconv_forward': (5, 6), 'residual_dwconv_backward': (8, 6)},
                        wide_vectors=True)
 
 
@@ -186,24 +203,35 @@ def tap_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], 9).t().contiguous()
 
 
-def kernel_forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, out: torch.Tensor):
-    """``out = act(x + DWConv3x3(x))`` by the C kernel; ``x``, ``out``: contiguous ``B x H x W x Ch``,
-    ``wt``: :func:`tap_major` weights."""
+def kernel_forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, out: torch.Tensor,
+                   input_bias: Optional[torch.Tensor] = None):
+    """``out = act(y + DWConv3x3(y))``, ``y = x + input_bias`` (per channel; default 0), by the C
+    kernel; ``x``, ``out``: contiguous ``B x H x W x Ch``, ``wt``: :func:`tap_major` weights."""
     B, H, W, Ch = x.shape
     native.function(native_library(), 'residual_dwconv_forward', x.dtype)(
-        *native.pointers(x, wt, bias, out), B, H, W, Ch, int(gelu), torch.get_num_threads())
+        *native.pointers(x, wt, bias), _pointer(input_bias), out.data_ptr(), B, H, W, Ch, int(gelu),
+        torch.get_num_threads())
 
 
 def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, grad_out: torch.Tensor,
-                    grad_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Writes the gradient w.r.t. ``x`` into ``grad_x`` (all contiguous ``B x H x W x Ch``) and
-    returns those w.r.t. the conv's weight ``(Ch, 1, 3, 3)`` and bias."""
+                    grad_x: torch.Tensor, input_bias: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Writes the gradient w.r.t. ``x`` (hence ``y``) into ``grad_x`` (all contiguous ``B x H x W x
+    Ch``) and returns those w.r.t. the conv's weight ``(Ch, 1, 3, 3)`` and bias."""
     B, H, W, Ch = x.shape
     threads = torch.get_num_threads()
     dwt, dbias = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
     native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
-        *native.pointers(x, wt, bias, grad_out, grad_x, dwt, dbias), B, H, W, Ch, int(gelu), threads)
-    return dwt.sum(0).t().reshape(Ch, 1, 3, 3), dbias.sum(0)
+        *native.pointers(x, wt, bias), _pointer(input_bias),
+        *native.pointers(grad_out, grad_x, dwt, dbias), B, H, W, Ch, int(gelu), threads)
+    dwt, dbias = dwt.sum(0), dbias.sum(0)
+    if input_bias is not None:
+        dwt += input_bias * dbias
+    return dwt.t().reshape(Ch, 1, 3, 3), dbias
+
+
+def _pointer(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
 
 
 class _ResidualDWConvFunction(torch.autograd.Function):
