@@ -89,10 +89,10 @@ class _ConvMlpFunction(torch.autograd.Function):
         grad_w2, grad_b2 = grad_out.t().mm(act.view(-1, act.shape[-1])), grad_out.sum(0)
         torch.mm(grad_out, w2, out=grad_act.view(-1, w2.shape[1]))
         grad_hidden = act  # the GELU output is no longer needed
-        grad_dw_weight, grad_dw_bias = rdw.kernel_backward(hidden, wt, dw_bias, True, grad_act, grad_hidden,
-                                                           input_bias=b1)
+        grad_dw_weight, grad_dw_bias, grad_b1 = rdw.kernel_backward(hidden, wt, dw_bias, True, grad_act,
+                                                                    grad_hidden, input_bias=b1)
         grad_hidden = grad_hidden.view(-1, w1.shape[0])
-        grad_w1, grad_b1 = grad_hidden.t().mm(rows), grad_hidden.sum(0)
+        grad_w1 = grad_hidden.t().mm(rows)
         grad_x = grad_hidden.mm(w1).view(ctx.shape[:3] + (-1, ))
         return grad_x, grad_w1, grad_b1, grad_dw_weight, grad_dw_bias, grad_w2, grad_b2
 

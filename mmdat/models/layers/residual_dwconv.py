@@ -136,18 +136,20 @@ static inline void NAME(weight_grad_row)(const scalar_t **xrows, const scalar_t 
     }
 }
 
-/* dwt (nthreads, 9, Ch) and dbias (nthreads, Ch): per-thread accumulators. Tap k reads x at
+/* dwt (nthreads, 9, Ch), dbias and dx_bias (nthreads, Ch): per-thread accumulators. Tap k reads x at
    p + o_k: it sends g[p] x[p + o_k] to w_k and g[p - o_k] to x[p], g the gradient w.r.t. the
    pre-activation. With GELU, each thread keeps the rows of g it needs in a ring of three,
    recomputed from x (the rows next to its band twice), instead of a full-size buffer. */
 void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const scalar_t *bias,
-                                    const scalar_t *x_bias, const scalar_t *gout, scalar_t *gx, scalar_t *dwt, scalar_t *dbias,
+                                    const scalar_t *x_bias, const scalar_t *gout, scalar_t *gx, scalar_t *dwt,
+                                    scalar_t *dbias, scalar_t *dx_bias,
                                     int B, int H, int W, int Ch, int gelu, int nthreads) {
     int64_t row_len = (int64_t)W * Ch;
 #pragma omp parallel num_threads(nthreads)
     {
         scalar_t *dw = dwt + (int64_t)omp_get_thread_num() * 9 * Ch;
         scalar_t *db = dbias + (int64_t)omp_get_thread_num() * Ch;
+        scalar_t *du = x_bias ? dx_bias + (int64_t)omp_get_thread_num() * Ch : NULL;
         scalar_t *zeros = (scalar_t *)calloc((size_t)Ch, sizeof(scalar_t));
         scalar_t *edge = (scalar_t *)malloc(sizeof(scalar_t) * 2 * (size_t)Ch), *c = edge + Ch;
         NAME(input_bias_terms)(wt, bias, x_bias, Ch, edge, c);
@@ -178,7 +180,12 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
             NAME(neighbour_rows)(xb, H, W, Ch, i, xrows);
             for (int j = 0; j < W; j++) {
                 NAME(taps)(grows, zeros, W, Ch, j, -1, p);
-                NAME(tap_sum)(p, wt, grows[1] + (int64_t)j * Ch, zeros, gx + bi * row_len + (int64_t)j * Ch, Ch);
+                scalar_t *gxj = gx + bi * row_len + (int64_t)j * Ch;
+                NAME(tap_sum)(p, wt, grows[1] + (int64_t)j * Ch, zeros, gxj, Ch);
+                if (du) {
+#pragma omp simd
+                    for (int c = 0; c < Ch; c++) du[c] += gxj[c];
+                }
             }
             NAME(weight_grad_row)(xrows, grows[1], edge, zeros, W, Ch, dw, db);
         }
@@ -194,7 +201,7 @@ void NAME(residual_dwconv_backward)(const scalar_t *x, const scalar_t *wt, const
 def native_library():
     """The compiled kernels, or ``None`` (see :mod:`.native`)."""
     return native.load('residual_dwconv', _C_KERNELS,
-                       {'residual_dwconv_forward': (5, 6), 'residual_dwconv_backward': (8, 6)},
+                       {'residual_dwconv_forward': (5, 6), 'residual_dwconv_backward': (9, 6)},
                        wide_vectors=True)
 
 
@@ -215,19 +222,21 @@ def kernel_forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: 
 
 def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, grad_out: torch.Tensor,
                     grad_x: torch.Tensor, input_bias: Optional[torch.Tensor] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Writes the gradient w.r.t. ``x`` (hence ``y``) into ``grad_x`` (all contiguous ``B x H x W x
-    Ch``) and returns those w.r.t. the conv's weight ``(Ch, 1, 3, 3)`` and bias."""
+    Ch``) and returns those w.r.t. the conv's weight ``(Ch, 1, 3, 3)``, its bias and
+    ``input_bias`` (the sum of ``grad_x`` over the positions; ``None`` without it)."""
     B, H, W, Ch = x.shape
     threads = torch.get_num_threads()
-    dwt, dbias = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
+    dwt, dbias, dinput = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch), x.new_zeros(threads, Ch)
     native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
         *native.pointers(x, wt, bias), _pointer(input_bias),
-        *native.pointers(grad_out, grad_x, dwt, dbias), B, H, W, Ch, int(gelu), threads)
+        *native.pointers(grad_out, grad_x, dwt, dbias, dinput), B, H, W, Ch, int(gelu), threads)
     dwt, dbias = dwt.sum(0), dbias.sum(0)
-    if input_bias is not None:
-        dwt += input_bias * dbias
-    return dwt.t().reshape(Ch, 1, 3, 3), dbias
+    if input_bias is None:
+        return dwt.t().reshape(Ch, 1, 3, 3), dbias, None
+    dwt += input_bias * dbias
+    return dwt.t().reshape(Ch, 1, 3, 3), dbias, dinput.sum(0)
 
 
 def _pointer(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -249,7 +258,7 @@ class _ResidualDWConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, wt, bias = ctx.saved_tensors
         gx = torch.empty_like(x)
-        dweight, dbias = kernel_backward(x, wt, bias, ctx.gelu, grad_out.contiguous(), gx)
+        dweight, dbias, _ = kernel_backward(x, wt, bias, ctx.gelu, grad_out.contiguous(), gx)
         return gx, dweight, dbias, None
 
 
