@@ -222,6 +222,23 @@ def test_native_kernels_build_here_and_can_be_disabled(monkeypatch, tmp_path):
         ops.native_library.cache_clear()
 
 
+def test_native_build_falls_through_flags_the_compiler_rejects(monkeypatch, tmp_path):
+    """``native.load(wide_vectors=True)`` first tries a flag only x86 compilers know: where the
+    compiler rejects a flag set, the next one builds the library."""
+    import ctypes
+    from mmdat.models.layers import native
+    if not NATIVE:
+        pytest.skip('no C compiler')
+    monkeypatch.setenv('MMDAT_CACHE_DIR', str(tmp_path))
+    source = native._source('void NAME(answer)(scalar_t *x) { x[0] = 42; }')
+    lib = ctypes.CDLL(native._build('fallback', source, (('--no-such-flag', ), ) + native._FLAGS))
+    x = torch.zeros(1)
+    lib.answer_f32(ctypes.c_void_p(x.data_ptr()))
+    assert x.item() == 42
+    with pytest.raises(RuntimeError, match='failed'):
+        native._build('rejected', source, (('--no-such-flag', ), ))
+
+
 def test_path_selection():
     module = DeformableAttention(16, 2, 1, attn_impl='reference', attn_drop=0.1)
     assert not module._use_fast_path()
