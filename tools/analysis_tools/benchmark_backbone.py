@@ -49,7 +49,10 @@ otherwise idle machine (pin with ``taskset -c 0,1`` and keep ``--threads`` to th
 The case subprocesses run with ``OMP_WAIT_POLICY=PASSIVE`` by default: on a shared machine,
 OpenMP threads spinning at barriers take the cores their peers need, which slowed every
 model 2-3x here (most those with many parallel ops, such as the tiled attention paths);
-``--omp-wait-policy inherit`` keeps the environment's setting.
+``--omp-wait-policy inherit`` keeps the environment's setting. On an idle machine PASSIVE has
+its own cost: every parallel region wakes the sleeping workers (about 85 us on the 2-core VM
+this was written on), which weighs on models with many regions (a DAT-T++ fwd+bwd step at
+800x1344 has about 5000, Swin-T's 1200); ``inherit`` measures what a default environment gets.
 """
 import argparse
 import json
