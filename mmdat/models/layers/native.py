@@ -147,8 +147,9 @@ def function(lib: ctypes.CDLL, name: str, dtype: torch.dtype):
     return getattr(lib, f'{name}_{"f32" if dtype == torch.float32 else "f64"}')
 
 
-def pointers(*tensors: torch.Tensor) -> List[int]:
-    return [t.data_ptr() for t in tensors]
+def pointers(*tensors: Optional[torch.Tensor]) -> List[Optional[int]]:
+    """The tensors' data pointers for a kernel call; ``None`` (a NULL pointer) for ``None``."""
+    return [None if t is None else t.data_ptr() for t in tensors]
 
 
 _workspaces = threading.local()

@@ -100,7 +100,6 @@ void NAME(residual_dwconv_forward)(const scalar_t *x, const scalar_t *wt, const 
         NAME(input_bias_terms)(wt, bias, x_bias, Ch, edge, c);
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < (int64_t)B * H; bi++) {
-            scalar_t *o = out + bi * W * Ch;
             NAME(preactivation_row)(x + bi / H * H * W * Ch, wt, c, edge, H, W, Ch, (int)(bi % H), gelu, NULL,
                                     out + bi * W * Ch);
         }
@@ -216,8 +215,7 @@ def kernel_forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: 
     kernel; ``x``, ``out``: contiguous ``B x H x W x Ch``, ``wt``: :func:`tap_major` weights."""
     B, H, W, Ch = x.shape
     native.function(native_library(), 'residual_dwconv_forward', x.dtype)(
-        *native.pointers(x, wt, bias), _pointer(input_bias), out.data_ptr(), B, H, W, Ch, int(gelu),
-        torch.get_num_threads())
+        *native.pointers(x, wt, bias, input_bias, out), B, H, W, Ch, int(gelu), torch.get_num_threads())
 
 
 def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu: bool, grad_out: torch.Tensor,
@@ -230,17 +228,13 @@ def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu:
     threads = torch.get_num_threads()
     dwt, dbias, dinput = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch), x.new_zeros(threads, Ch)
     native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
-        *native.pointers(x, wt, bias), _pointer(input_bias),
-        *native.pointers(grad_out, grad_x, dwt, dbias, dinput), B, H, W, Ch, int(gelu), threads)
+        *native.pointers(x, wt, bias, input_bias, grad_out, grad_x, dwt, dbias, dinput), B, H, W, Ch, int(gelu),
+        threads)
     dwt, dbias = dwt.sum(0), dbias.sum(0)
     if input_bias is None:
         return dwt.t().reshape(Ch, 1, 3, 3), dbias, None
     dwt += input_bias * dbias
     return dwt.t().reshape(Ch, 1, 3, 3), dbias, dinput.sum(0)
-
-
-def _pointer(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
 
 
 class _ResidualDWConvFunction(torch.autograd.Function):
