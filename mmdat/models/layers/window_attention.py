@@ -33,6 +33,11 @@ static int NAME(window)(int wy, int wx, int H, int W, int Hp, int Wp, int w, int
     return masked;
 }
 
+/* The table entry (of one head's S x S) of the displacement between window slots i and j */
+static inline int NAME(rel_index)(int i, int j, int w) {
+    return (i / w - j / w + w - 1) * (2 * w - 1) + (i % w - j % w + w - 1);
+}
+
 /* The bias of every (query, key) slot pair of a window, per head: (heads, N, N). */
 static scalar_t *NAME(bias_matrices)(const scalar_t *table, int heads, int w) {
     int N = w * w, S = 2 * w - 1;
@@ -40,8 +45,7 @@ static scalar_t *NAME(bias_matrices)(const scalar_t *table, int heads, int w) {
     for (int h = 0; h < heads; h++)
         for (int i = 0; i < N; i++)
             for (int j = 0; j < N; j++)
-                bm[((int64_t)h * N + i) * N + j] = table[(int64_t)h * S * S + (i / w - j / w + w - 1) * S
-                                                         + (i % w - j % w + w - 1)];
+                bm[((int64_t)h * N + i) * N + j] = table[(int64_t)h * S * S + NAME(rel_index)(i, j, w)];
     return bm;
 }
 
@@ -88,30 +92,30 @@ void NAME(wa_forward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t 
             int win = (int)(item % (nwy * nwx)), b = (int)(item / (nwy * nwx));
             int masked = NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
             for (int h = 0; h < heads; h++) {
-            NAME(window_logits)(qkv + (int64_t)b * H * W * ts + h * d, bias, bm + (int64_t)h * N * N, at, label,
-                                masked, Q, K, Kt, V, NULL, Sm, scale, ts, C, h, N, d);
-            for (int i = 0; i < N; i++) {
-                scalar_t *row = Sm + i * N, mx = -INFINITY, sum = 0;
-                if (at[i] < 0) {  /* a padded query: its row must only stay finite */
-                    memset(row, 0, sizeof(scalar_t) * (size_t)N);
-                    continue;
-                }
+                NAME(window_logits)(qkv + (int64_t)b * H * W * ts + h * d, bias, bm + (int64_t)h * N * N, at, label,
+                                    masked, Q, K, Kt, V, NULL, Sm, scale, ts, C, h, N, d);
+                for (int i = 0; i < N; i++) {
+                    scalar_t *row = Sm + i * N, mx = -INFINITY, sum = 0;
+                    if (at[i] < 0) {  /* a padded query: its row must only stay finite */
+                        memset(row, 0, sizeof(scalar_t) * (size_t)N);
+                        continue;
+                    }
 #pragma omp simd reduction(max:mx)
-                for (int j = 0; j < N; j++) mx = row[j] > mx ? row[j] : mx;
+                    for (int j = 0; j < N; j++) mx = row[j] > mx ? row[j] : mx;
 #pragma omp simd reduction(+:sum)
-                for (int j = 0; j < N; j++) {
-                    row[j] = EXP(row[j] - mx);
-                    sum += row[j];
+                    for (int j = 0; j < N; j++) {
+                        row[j] = EXP(row[j] - mx);
+                        sum += row[j];
+                    }
+                    rowsum[i] = 1 / sum;
+                    lse[((int64_t)b * heads + h) * H * W + at[i]] = mx + LOG(sum);
                 }
-                rowsum[i] = 1 / sum;
-                lse[((int64_t)b * heads + h) * H * W + at[i]] = mx + LOG(sum);
-            }
-            NAME(gemm)(N, d, N, Sm, N, 1, V, d, dO, d, 0);  /* unnormalised P V */
-            for (int i = 0; i < N; i++) {
-                if (at[i] < 0) continue;
-                scalar_t *o = out + ((int64_t)b * H * W + at[i]) * C + h * d;
-                for (int c = 0; c < d; c++) o[c] = dO[i * d + c] * rowsum[i];
-            }
+                NAME(gemm)(N, d, N, Sm, N, 1, V, d, dO, d, 0);  /* unnormalised P V */
+                for (int i = 0; i < N; i++) {
+                    if (at[i] < 0) continue;
+                    scalar_t *o = out + ((int64_t)b * H * W + at[i]) * C + h * d;
+                    for (int c = 0; c < d; c++) o[c] = dO[i * d + c] * rowsum[i];
+                }
             }
         }
         free(at); free(label); free(buf);
@@ -141,64 +145,63 @@ void NAME(wa_backward)(const scalar_t *qkv, const scalar_t *bias, const scalar_t
             int win = (int)(item % (nwy * nwx)), b = (int)(item / (nwy * nwx));
             int masked = NAME(window)(win / nwx, win % nwx, H, W, Hp, Wp, w, s, at, label);
             for (int h = 0; h < heads; h++) {
-            int64_t boff = (int64_t)b * H * W * ts + h * d;
-            NAME(window_logits)(qkv + boff, bias, bm + (int64_t)h * N * N, at, label, masked, Q, K, Kt, V, Vt, Sm,
-                                scale, ts, C, h, N, d);
-            for (int i = 0; i < N; i++) {  /* dO rows; rowsum holds D = rowsum(dO * O) */
-                scalar_t D = 0;
-                if (at[i] >= 0) {
-                    int64_t o = ((int64_t)b * H * W + at[i]) * C + h * d;
-                    for (int c = 0; c < d; c++) {
-                        dO[i * d + c] = dout[o + c];
-                        D += dout[o + c] * out[o + c];
+                int64_t boff = (int64_t)b * H * W * ts + h * d;
+                NAME(window_logits)(qkv + boff, bias, bm + (int64_t)h * N * N, at, label, masked, Q, K, Kt, V, Vt, Sm,
+                                    scale, ts, C, h, N, d);
+                for (int i = 0; i < N; i++) {  /* dO rows; rowsum holds D = rowsum(dO * O) */
+                    scalar_t D = 0;
+                    if (at[i] >= 0) {
+                        int64_t o = ((int64_t)b * H * W + at[i]) * C + h * d;
+                        for (int c = 0; c < d; c++) {
+                            dO[i * d + c] = dout[o + c];
+                            D += dout[o + c] * out[o + c];
+                        }
+                    } else {
+                        memset(dO + i * d, 0, sizeof(scalar_t) * (size_t)d);
                     }
-                } else {
-                    memset(dO + i * d, 0, sizeof(scalar_t) * (size_t)d);
+                    rowsum[i] = D;
                 }
-                rowsum[i] = D;
-            }
-            NAME(gemm)(N, N, d, dO, d, 1, Vt, N, dP, N, 0);  /* dP = dO V^T */
-            scalar_t *dbh = dbm + (int64_t)h * N * N;
-            for (int i = 0; i < N; i++) {
-                scalar_t *row = Sm + i * N, *g = dP + i * N, *dbr = dbh + i * N;
-                if (at[i] < 0) {  /* no gradient reaches padded queries */
-                    memset(row, 0, sizeof(scalar_t) * (size_t)N);
-                    memset(g, 0, sizeof(scalar_t) * (size_t)N);
-                    continue;
-                }
-                scalar_t l = lse[((int64_t)b * heads + h) * H * W + at[i]], D = rowsum[i];
+                NAME(gemm)(N, N, d, dO, d, 1, Vt, N, dP, N, 0);  /* dP = dO V^T */
+                scalar_t *dbh = dbm + (int64_t)h * N * N;
+                for (int i = 0; i < N; i++) {
+                    scalar_t *row = Sm + i * N, *g = dP + i * N, *dbr = dbh + i * N;
+                    if (at[i] < 0) {  /* no gradient reaches padded queries */
+                        memset(row, 0, sizeof(scalar_t) * (size_t)N);
+                        memset(g, 0, sizeof(scalar_t) * (size_t)N);
+                        continue;
+                    }
+                    scalar_t l = lse[((int64_t)b * heads + h) * H * W + at[i]], D = rowsum[i];
 #pragma omp simd
+                    for (int j = 0; j < N; j++) {
+                        row[j] = EXP(row[j] - l);  /* P */
+                        g[j] = row[j] * (g[j] - D);  /* dS, w.r.t. the scaled logits */
+                        dbr[j] += g[j];
+                    }
+                }
+                NAME(gemm)(N, d, N, dP, N, 1, K, d, dQ, d, 0);  /* dQ = dS K */
+                NAME(gemm)(N, d, N, dP, 1, N, Q, d, dK, d, 0);  /* dK = dS^T Q */
+                NAME(gemm)(N, d, N, Sm, 1, N, dO, d, dV, d, 0);  /* dV = P^T dO */
                 for (int j = 0; j < N; j++) {
-                    row[j] = EXP(row[j] - l);  /* P */
-                    g[j] = row[j] * (g[j] - D);  /* dS, w.r.t. the scaled logits */
-                    dbr[j] += g[j];
-                }
-            }
-            NAME(gemm)(N, d, N, dP, N, 1, K, d, dQ, d, 0);  /* dQ = dS K */
-            NAME(gemm)(N, d, N, dP, 1, N, Q, d, dK, d, 0);  /* dK = dS^T Q */
-            NAME(gemm)(N, d, N, Sm, 1, N, dO, d, dV, d, 0);  /* dV = P^T dO */
-            for (int j = 0; j < N; j++) {
-                if (at[j] >= 0) {
-                    scalar_t *dst = dqkv + boff + at[j] * ts;
-                    for (int c = 0; c < d; c++) {
-                        dst[c] = dQ[j * d + c] * scale;
-                        dst[C + c] = dK[j * d + c];
-                        dst[2 * C + c] = dV[j * d + c];
-                    }
-                } else {
-                    for (int c = 0; c < d; c++) {
-                        db[C + h * d + c] += dK[j * d + c];
-                        db[2 * C + h * d + c] += dV[j * d + c];
+                    if (at[j] >= 0) {
+                        scalar_t *dst = dqkv + boff + at[j] * ts;
+                        for (int c = 0; c < d; c++) {
+                            dst[c] = dQ[j * d + c] * scale;
+                            dst[C + c] = dK[j * d + c];
+                            dst[2 * C + c] = dV[j * d + c];
+                        }
+                    } else {
+                        for (int c = 0; c < d; c++) {
+                            db[C + h * d + c] += dK[j * d + c];
+                            db[2 * C + h * d + c] += dV[j * d + c];
+                        }
                     }
                 }
-            }
             }
         }
         for (int h = 0; h < heads; h++)
             for (int i = 0; i < N; i++)
                 for (int j = 0; j < N; j++)
-                    dt[(int64_t)h * S * S + (i / w - j / w + w - 1) * S + (i % w - j % w + w - 1)]
-                        += dbm[((int64_t)h * N + i) * N + j];
+                    dt[(int64_t)h * S * S + NAME(rel_index)(i, j, w)] += dbm[((int64_t)h * N + i) * N + j];
         free(dbm);
         free(at); free(label); free(buf);
     }
