@@ -25,10 +25,22 @@ from conftest import NANO_PP, NANO_V1, fixtures_dir, without_native_ops
 
 
 NATIVE = ops.native_library() is not None
+FUSED = NATIVE and native.blas() is not None
 NATIVE_NA = na_module.native_library() is not None
 needs_native_na = pytest.mark.skipif(not NATIVE_NA, reason='no C compiler')
-BIAS_IMPLS = [pytest.param(True, id='native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
-              pytest.param(False, id='torch-bias')]
+#: The CPU implementations of the fast deformable attention: fused C kernels, tiles with the
+#: bias in C, tiles with the bias in PyTorch (as on CUDA)
+DA_IMPLS = [pytest.param('fused', marks=pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')),
+            pytest.param('native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
+            'torch-bias']
+
+
+def _select(impl, monkeypatch, tile=None):
+    monkeypatch.setattr(ops, 'USE_NATIVE', impl != 'torch-bias')
+    monkeypatch.setattr(ops, 'USE_FUSED', impl == 'fused')
+    if tile is not None:
+        monkeypatch.setitem(ops.DEFAULT_TILE_ELEMENTS, 'cpu', tile)
+        monkeypatch.setattr(ops, 'FUSED_TILE_ELEMENTS', tile)
 
 
 def _perturbed(module, scale=0.3):
@@ -76,16 +88,15 @@ DA_CASES = [  # embed_dims, heads, groups, key stride, offset_range_factor, tabl
 ]
 
 
-@pytest.mark.parametrize('native', BIAS_IMPLS)
-@pytest.mark.parametrize('tile', [None, 300, 2000], ids=['one-tile', 'row-and-group-tiles', 'row-tiles'])
+@pytest.mark.parametrize('impl', DA_IMPLS)
+@pytest.mark.parametrize('tile', [None, 300, 2000], ids=['default-tiles', 'small-tiles', 'row-tiles'])
 @pytest.mark.parametrize('case', DA_CASES, ids=lambda c: (f'{c[6]}-C{c[0]}-M{c[1]}-G{c[2]}-r{c[3]}-s{c[4]}'
                          f'-{"table" if c[5] else "notable"}-B{c[8]}').replace(' ', ''))
-def test_deformable_paths_agree_float64(case, tile, native, monkeypatch):
-    """Outputs and gradients (input, offset network, table, projections) agree to rounding."""
+def test_deformable_paths_agree_float64(case, tile, impl, monkeypatch):
+    """Outputs and gradients (input, offset network, table, projections) agree to rounding.
+    Small tiles split query rows (fused kernels) or groups (tiled path)."""
     C, M, G, r, orf, table, flavor, size, B = case
-    monkeypatch.setattr(ops, 'USE_NATIVE', native)
-    if tile is not None:
-        monkeypatch.setitem(ops.DEFAULT_TILE_ELEMENTS, 'cpu', tile)
+    _select(impl, monkeypatch, tile)
     module = _perturbed(DeformableAttention(C, M, G, r, 3, orf, table, flavor).double())
     x = torch.randn(B, C, *size, dtype=torch.double)
     reference, fast = _run(module, x, 'reference'), _run(module, x, 'fast')
@@ -95,10 +106,10 @@ def test_deformable_paths_agree_float64(case, tile, native, monkeypatch):
     assert fast[1]['offset.proj.weight'].abs().sum() > 0
 
 
-@pytest.mark.parametrize('native', BIAS_IMPLS)
-def test_deformable_paths_agree_float32(native, monkeypatch):
+@pytest.mark.parametrize('impl', DA_IMPLS)
+def test_deformable_paths_agree_float32(impl, monkeypatch):
     """In float32 both paths are equally far from the float64 result (gradients here reach 1e3)."""
-    monkeypatch.setattr(ops, 'USE_NATIVE', native)
+    _select(impl, monkeypatch)
     module = _perturbed(DeformableAttention(64, 4, 2, 2, 5, -1, (14, 14), 'pp'), scale=0.1)
     x = torch.randn(2, 64, 24, 40)
     (ref_out, ref_grads), (fast_out, fast_grads) = _run(module, x, 'reference'), _run(module, x, 'fast')
@@ -121,11 +132,11 @@ def _bias_reference(q, k, v, pos, table, qy, qx, groups):
     return torch.einsum('bmn,bcn->bcm', attn, v).reshape(BM, d, H, W)
 
 
-@pytest.mark.parametrize('native', BIAS_IMPLS)
+@pytest.mark.parametrize('impl', DA_IMPLS)
 @pytest.mark.parametrize('where', ['far-outside', 'grid-nodes', 'border', 'huge'])
-def test_bias_matches_grid_sample_at_edges(where, native, monkeypatch):
+def test_bias_matches_grid_sample_at_edges(where, impl, monkeypatch):
     """Zero padding at any distance, table borders and exact grid nodes, incl. gradients."""
-    monkeypatch.setattr(ops, 'USE_NATIVE', native)
+    _select(impl, monkeypatch)
     gen = torch.Generator().manual_seed(0)
     B, G, Mg, d, H, W, Th, Tw = 2, 2, 2, 4, 5, 7, 7, 9
     Ns = 12
@@ -154,6 +165,36 @@ def test_bias_matches_grid_sample_at_edges(where, native, monkeypatch):
     for a, b, name in zip(torch.autograd.grad((ref * gout).sum(), inputs),
                           torch.autograd.grad((fast * gout).sum(), inputs), 'q k v pos table'.split()):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
+
+
+@pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')
+def test_fused_kernels_are_the_cpu_default_and_sum_over_any_team(monkeypatch):
+    """The fused kernels run by default on CPU (float32 and float64); each thread sums its own
+    dk, dv, table and position gradients, and the totals do not depend on the team size."""
+    gen = torch.Generator().manual_seed(3)
+    G, Mg, d, H, W, Ns = 2, 3, 8, 6, 13, 20
+    qy, qx = torch.linspace(-1, 1, H, dtype=torch.double), torch.linspace(-1, 1, W, dtype=torch.double)
+    pos = torch.rand(G, Ns, 2, generator=gen, dtype=torch.double) * 2 - 1
+    q = torch.randn(G * Mg, d, H, W, generator=gen, dtype=torch.double)
+    k, v = (torch.randn(G * Mg, d, Ns, generator=gen, dtype=torch.double) for _ in range(2))
+    table = torch.randn(G * Mg, 9, 9, generator=gen, dtype=torch.double)
+    gout = torch.randn(q.shape, generator=gen, dtype=torch.double)
+    for dtype in (torch.float32, torch.float64):
+        fused = ops._fused(q.to(dtype), pos.to(dtype), table.to(dtype), qy.to(dtype), qx.to(dtype), G, None)
+        assert isinstance(fused, ops._FusedAttention)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for impl, team in (('native-bias', 2), ('fused', 1), ('fused', 3)):
+            _select(impl, monkeypatch, tile=Ns * Mg * 5)  # fused: 5 queries per tile, rows split
+            torch.set_num_threads(team)
+            inputs = [t.clone().requires_grad_() for t in (q, k, v, pos, table)]
+            out = ops.deformable_attention(*inputs, qy, qx, G)
+            results.append([out, *torch.autograd.grad((out * gout).sum(), inputs)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b, name in zip(results[0], other, 'out q k v pos table'.split()):
+            torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
 
 
 def _saved_bytes(fn):

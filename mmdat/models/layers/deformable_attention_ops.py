@@ -20,9 +20,18 @@ displacement grid itself. This module computes the same function tile by tile:
   The backward pass sums the bias gradient back into ``R``-sized buffers per key and row
   and derives the table and position gradients from them.
 
-Two implementations of the bias, same numbers: on CPU a small C kernel (see :mod:`.native`:
-compiled on first use; ``MMDAT_NATIVE_OPS=0`` disables it), otherwise (CUDA, no compiler)
-PyTorch gathers and scatters.
+Three implementations, same numbers:
+
+* On CPU with PyTorch's MKL, fused C kernels (:class:`_FusedAttention`): one parallel
+  region per pass, whose threads take tiles of about a hundred queries of one group and keep
+  each tile's logits in their core's cache from the GEMM (MKL, single-threaded per tile)
+  through the bias and softmax to the products with ``v``; the per-thread gradient sums are
+  added up at the end.
+* On CPU otherwise, the tiles above with PyTorch matmuls and the bias in C.
+* On CUDA (or without a C compiler), the tiles with the bias by PyTorch gathers and scatters.
+
+The C kernels are compiled on first use (see :mod:`.native`); ``MMDAT_NATIVE_OPS=0``
+disables them.
 
 Semantics are those of ``F.grid_sample(table, (q - p) / 2, mode='bilinear',
 padding_mode='zeros', align_corners=True)``: table cells outside the table are zero at any
@@ -199,18 +208,35 @@ class _TorchBias:
 
 #: One tile of the bias, forward and backward; included once per scalar type.
 _C_KERNELS = r"""
-static inline scalar_t NAME(cell)(const scalar_t *t, int Th, int Tw, int y, int x) {
-    return (y >= 0 && y < Th && x >= 0 && x < Tw) ? t[(int64_t)y * Tw + x] : (scalar_t)0;
-}
-
-/* R[x] = table row y0 + fy * (row y0+1 - row y0), x over the key's band of columns */
+/* R[x] = table row y0 + fy * (row y0+1 - row y0) and D[x] = row y0+1 - row y0 (unless D is NULL),
+   x over the key's band of columns xs ...; cells outside the table are zero. The bounds are
+   checked per row and band, not per cell, so that the loops vectorize. */
 static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, int xs, int bx,
                               scalar_t *R, scalar_t *D) {
-    for (int x = 0; x < bx; x++) {
-        scalar_t t0 = NAME(cell)(t, Th, Tw, y0, xs + x), t1 = NAME(cell)(t, Th, Tw, y0 + 1, xs + x);
-        R[x] = t0 + w * (t1 - t0);
-        if (D) D[x] = t1 - t0;
+    int x0 = xs < 0 ? -xs : 0, x1 = Tw - xs < bx ? Tw - xs : bx;
+    x0 = x0 < bx ? x0 : bx;
+    x1 = x1 > x0 ? x1 : x0;
+    const scalar_t *r0 = y0 >= 0 && y0 < Th ? t + (int64_t)y0 * Tw + xs : NULL;
+    const scalar_t *r1 = y0 + 1 >= 0 && y0 + 1 < Th ? t + (int64_t)(y0 + 1) * Tw + xs : NULL;
+    for (int x = 0; x < x0; x++) R[x] = 0;
+    for (int x = x1; x < bx; x++) R[x] = 0;
+    if (r0 && r1) {
+#pragma omp simd
+        for (int x = x0; x < x1; x++) R[x] = r0[x] + w * (r1[x] - r0[x]);
+    } else if (r0) {
+#pragma omp simd
+        for (int x = x0; x < x1; x++) R[x] = r0[x] + w * -r0[x];
+    } else if (r1) {
+#pragma omp simd
+        for (int x = x0; x < x1; x++) R[x] = w * r1[x];
+    } else {
+        for (int x = x0; x < x1; x++) R[x] = 0;
     }
+    if (!D) return;
+    for (int x = 0; x < x0; x++) D[x] = 0;
+    for (int x = x1; x < bx; x++) D[x] = 0;
+#pragma omp simd
+    for (int x = x0; x < x1; x++) D[x] = (r1 ? r1[x] : (scalar_t)0) - (r0 ? r0[x] : (scalar_t)0);
 }
 
 /* One tile's logits S (n, Mg, Ns, A, W) hold q.k (minus the log-sum-exp in the backward pass).
@@ -358,6 +384,285 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
         free(seg);
     }
 }
+
+/* ---- the whole attention per (group, tile of T consecutive queries), GEMMs by the BLAS ---- */
+
+/* Fortran BLAS ?gemm_ (column-major) */
+typedef void (*NAME(blas_gemm))(const char *, const char *, const int *, const int *, const int *,
+                                const scalar_t *, const scalar_t *, const int *, const scalar_t *, const int *,
+                                const scalar_t *, scalar_t *, const int *);
+
+/* row-major C (M x N, ldc) = op(A) op(B) + beta C; op(X) = X^T when tX (X is then stored K x M / N x K) */
+static inline void NAME(mm)(NAME(blas_gemm) gemm, int ta, int tb, int M, int N, int K, const scalar_t *A,
+                            int lda, const scalar_t *B, int ldb, scalar_t beta, scalar_t *C, int ldc) {
+    const scalar_t one = 1;
+    gemm(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+typedef struct {
+    const scalar_t *table, *pos, *qy, *qx;  /* pos (BG, Ns, 2) normalised (y, x); qy (H), qx (W) */
+    int G, Mg, Ns, H, W, Th, Tw;
+} NAME(geometry);
+
+/* A table coordinate as _axis_coords computes it (same operations, so the same corners):
+   its floor, clamped as _native_coords does, and its fraction */
+static inline int NAME(table_coord)(scalar_t qc, scalar_t pc, int size, scalar_t *frac) {
+    scalar_t c = ((qc - pc) * (scalar_t)0.5 + 1) * ((scalar_t)(size - 1) / 2), lo = floor(c);
+    *frac = c - lo;
+    lo = lo < -2 * size - 2 ? -2 * size - 2 : (lo > 3 * size + 2 ? 3 * size + 2 : lo);
+    return (int)lo;
+}
+
+/* Key j (of group bg) against the queries of row a, columns [b0, b1): the table row lo_y and
+   weight fy, and per column the band cell idx (from cell xs on) and weight wx; returns the band
+   width (cells xs .. xs + band - 1) */
+typedef struct { int lo_y, xs, band; scalar_t fy, px; } NAME(key_row);
+
+static inline NAME(key_row) NAME(key_columns)(const NAME(geometry) *geo, int bg, int j, int a, int b0, int b1,
+                                             int *idx, scalar_t *wx) {
+    const scalar_t *p = geo->pos + ((int64_t)bg * geo->Ns + j) * 2;
+    NAME(key_row) kr;
+    kr.lo_y = NAME(table_coord)(geo->qy[a], p[0], geo->Th, &kr.fy);
+    for (int b = b0; b < b1; b++) idx[b - b0] = NAME(table_coord)(geo->qx[b], p[1], geo->Tw, wx + b - b0);
+    kr.xs = idx[0];
+    kr.band = idx[b1 - b0 - 1] - kr.xs + 2;  /* non-decreasing along the row */
+    for (int c = 0; c < b1 - b0; c++) idx[c] -= kr.xs;
+    return kr;
+}
+
+/* S (Mg, Ns, n) = k^T q (+ bias when there is a table) for the Mg heads of group bg (heads
+   bg * Mg ...), queries [p0, p0 + n). scratch: 2 * (n + band) */
+static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const scalar_t *q, const scalar_t *k,
+                         int bg, int d, int p0, int n, scalar_t *S, scalar_t *scratch) {
+    int Ns = geo->Ns, HW = geo->H * geo->W, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
+    for (int m = 0; m < Mg; m++) {
+        int64_t bm = (int64_t)bg * Mg + m;
+        NAME(mm)(gemm, 1, 0, Ns, n, d, k + bm * d * Ns, Ns, q + bm * d * HW + p0, HW, 0, S + m * (int64_t)Ns * n, n);
+    }
+    if (!geo->table) return;
+    int *idx = (int *)scratch;
+    scalar_t *wx = scratch + n, *R = wx + n;
+    /* the tile as row segments: row a, columns [b0, b1) at tile column c0 */
+    for (int c0 = 0; c0 < n;) {
+        int a = (p0 + c0) / geo->W, b0 = (p0 + c0) % geo->W;
+        int b1 = b0 + (n - c0 < geo->W - b0 ? n - c0 : geo->W - b0);
+        for (int j = 0; j < Ns; j++) {
+            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b1, idx, wx);
+            scalar_t *Rd = R + kr.band;
+            for (int m = 0; m < Mg; m++) {
+                const scalar_t *t = geo->table + (int64_t)((bg % geo->G) * Mg + m) * Th * Tw;
+                NAME(rows)(t, Th, Tw, kr.lo_y, kr.fy, kr.xs, kr.band, R, NULL);
+                for (int x = 0; x + 1 < kr.band; x++) Rd[x] = R[x + 1] - R[x];
+                scalar_t *s = S + ((int64_t)m * Ns + j) * n + c0;
+#pragma omp simd
+                for (int c = 0; c < b1 - b0; c++) s[c] += R[idx[c]] + wx[c] * Rd[idx[c]];
+            }
+        }
+        c0 += b1 - b0;
+    }
+}
+
+/* Gradients of the bias given dS (Mg, Ns, n) for the tile's queries [p0, p0 + n): into the table
+   (dt: this thread's copy) and the keys' table coordinates (dc: this thread's (BG, Ns, 2)).
+   scratch: 3 * n + 5 * band + 1 */
+static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, const scalar_t *dS, scalar_t *dt,
+                            scalar_t *dc, scalar_t *scratch) {
+    int Ns = geo->Ns, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
+    int *idx = (int *)scratch;
+    scalar_t *wx = scratch + n, *gw = wx + n, *buf = gw + n;
+    for (int c0 = 0; c0 < n;) {
+        int a = (p0 + c0) / geo->W, b0 = (p0 + c0) % geo->W;
+        int nb = (n - c0 < geo->W - b0 ? n - c0 : geo->W - b0);
+        for (int j = 0; j < Ns; j++) {
+            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b0 + nb, idx, wx);
+            int bx = kr.band, y0 = kr.lo_y;
+            scalar_t w = kr.fy, gy = 0, gx = 0;
+            scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx;
+            int *seg = (int *)(buf + 4 * bx);
+            /* the columns whose first corner is band cell i are [seg[i], seg[i + 1]) (idx is
+               non-decreasing); without branches, which a run of a few columns per cell mispredicts */
+            for (int i = 0; i <= bx; i++) seg[i] = nb;
+            for (int c = nb - 1; c >= 0; c--) seg[idx[c]] = c;
+            int longest = 0;
+            for (int i = bx - 1; i >= 0; i--) {
+                seg[i] = seg[i] < seg[i + 1] ? seg[i] : seg[i + 1];
+                longest = seg[i + 1] - seg[i] > longest ? seg[i + 1] - seg[i] : longest;
+            }
+            /* the table cells the band's two rows cover: x in [x0, x1) */
+            int x0 = kr.xs < 0 ? -kr.xs : 0, x1 = Tw - kr.xs < bx ? Tw - kr.xs : bx;
+            for (int m = 0; m < Mg; m++) {
+                int64_t head = (int64_t)((bg % geo->G) * Mg + m);
+                const scalar_t *g = dS + ((int64_t)m * Ns + j) * n + c0;
+#pragma omp simd
+                for (int c = 0; c < nb; c++) gw[c] = g[c] * wx[c];
+                /* bias[c] = (1 - wx) R[i] + wx R[i + 1], i = idx[c]: per cell i the sums of g and
+                   g * wx over its columns, a column offset at a time over all cells */
+                for (int i = 0; i < bx; i++) Eu[i] = E1[i] = 0;
+                for (int t = 0; t < longest; t++)
+#pragma omp simd
+                    for (int i = 0; i < bx; i++) {
+                        int c = seg[i] + t;
+                        if (c < seg[i + 1]) {
+                            Eu[i] += g[c];
+                            E1[i] += gw[c];
+                        }
+                    }
+                NAME(rows)(geo->table + head * Th * Tw, Th, Tw, y0, w, kr.xs, bx, R, D);
+                /* dR[i] = Eu[i] - E1[i] + E1[i - 1] (into E1), the gradient w.r.t. R; a band is
+                   a few cells, too short for vector reductions */
+                for (int i = bx - 1; i > 0; i--) {
+                    E1[i] = Eu[i] - E1[i] + E1[i - 1];
+                    gy += E1[i] * D[i];
+                    gx += Eu[i - 1] * (R[i] - R[i - 1]);
+                }
+                E1[0] = Eu[0] - E1[0];
+                gy += E1[0] * D[0];
+                scalar_t *d = dt + head * Th * Tw + kr.xs;
+                if (y0 >= 0 && y0 < Th)
+#pragma omp simd
+                    for (int x = x0; x < x1; x++) d[(int64_t)y0 * Tw + x] += E1[x] - E1[x] * w;
+                if (y0 + 1 >= 0 && y0 + 1 < Th)
+#pragma omp simd
+                    for (int x = x0; x < x1; x++) d[(int64_t)(y0 + 1) * Tw + x] += E1[x] * w;
+            }
+            dc[((int64_t)bg * Ns + j) * 2] += gy;
+            dc[((int64_t)bg * Ns + j) * 2 + 1] += gx;
+        }
+        c0 += nb;
+    }
+}
+
+/* Per-thread scratch of the bias: see logits and bias_grad (the band is at most 5 * Tw + 8) */
+static int64_t NAME(bias_scratch)(int T, int Tw) { return 3 * (int64_t)T + 6 * (5 * (int64_t)Tw + 8) + 1; }
+
+/* out (BM, d, HW) = attention output, lse (BM, HW) its log-sum-exp. q (BM, d, HW); k, v (BM, d, Ns);
+   pos, table, qy, qx as deformable_attention's (table may be NULL: no bias).
+   work: nthreads * (Mg * (Ns + 2) * T + bias_scratch) */
+void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_t *q, const scalar_t *k,
+                             const scalar_t *v, const scalar_t *table, const scalar_t *pos, const scalar_t *qy,
+                             const scalar_t *qx, scalar_t *out, scalar_t *lse, scalar_t *work,
+                             int BM, int d, int G, int Mg, int Ns, int H, int W, int Th, int Tw, int T,
+                             int nthreads) {
+    NAME(blas_gemm) gemm = (NAME(blas_gemm))gemm_fn;
+    NAME(geometry) geo = {table, pos, qy, qx, G, Mg, Ns, H, W, Th, Tw};
+    int HW = H * W, tiles = (HW + T - 1) / T, BG = BM / Mg;
+    int64_t per_thread = (int64_t)Mg * (Ns + 2) * T + NAME(bias_scratch)(T, Tw);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int previous = blas_threads_fn ? ((int (*)(int))blas_threads_fn)(1) : 0;
+        scalar_t *S = work + (int64_t)omp_get_thread_num() * per_thread;
+        scalar_t *mx = S + (int64_t)Mg * Ns * T, *l = mx + T, *scratch = l + T;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < (int64_t)BG * tiles; item++) {
+            int bg = (int)(item / tiles), p0 = (int)(item % tiles) * T, n = HW - p0 < T ? HW - p0 : T;
+            NAME(logits)(gemm, &geo, q, k, bg, d, p0, n, S, scratch);
+            for (int m = 0; m < Mg; m++) {
+                int64_t bm = (int64_t)bg * Mg + m;
+                scalar_t *Sm = S + (int64_t)m * Ns * n;
+                for (int c = 0; c < n; c++) { mx[c] = -INFINITY; l[c] = 0; }
+                for (int j = 0; j < Ns; j++) {
+                    const scalar_t *s = Sm + (int64_t)j * n;
+#pragma omp simd
+                    for (int c = 0; c < n; c++) mx[c] = s[c] > mx[c] ? s[c] : mx[c];
+                }
+                for (int j = 0; j < Ns; j++) {
+                    scalar_t *s = Sm + (int64_t)j * n;
+#pragma omp simd
+                    for (int c = 0; c < n; c++) {
+                        s[c] = EXP(s[c] - mx[c]);
+                        l[c] += s[c];
+                    }
+                }
+                scalar_t *o = out + bm * d * HW + p0;
+                NAME(mm)(gemm, 0, 0, d, n, Ns, v + bm * d * Ns, Ns, Sm, n, 0, o, HW);
+                for (int c = 0; c < n; c++) {
+                    lse[bm * HW + p0 + c] = LOG(l[c]) + mx[c];
+                    l[c] = 1 / l[c];
+                }
+                for (int ch = 0; ch < d; ch++) {
+                    scalar_t *oc = o + (int64_t)ch * HW;
+#pragma omp simd
+                    for (int c = 0; c < n; c++) oc[c] *= l[c];
+                }
+            }
+        }
+        if (blas_threads_fn) ((int (*)(int))blas_threads_fn)(previous);
+    }
+}
+
+/* Gradients of attention_forward given dout (BM, d, HW), out and lse: dq (BM, d, HW); dk, dv (BM, d, Ns);
+   dtable (M, Th, Tw) and dcoord (BG, Ns, 2) (w.r.t. the keys' table coordinates) when table is given.
+   work: nthreads * (Mg * (2 * Ns + 1) * T + bias_scratch + 2 * BM * d * Ns + M * Th * Tw + 2 * BG * Ns) */
+void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar_t *q, const scalar_t *k,
+                              const scalar_t *v, const scalar_t *table, const scalar_t *pos, const scalar_t *qy,
+                              const scalar_t *qx, const scalar_t *out, const scalar_t *lse, const scalar_t *dout,
+                              scalar_t *dq, scalar_t *dk, scalar_t *dv, scalar_t *dtable, scalar_t *dcoord,
+                              scalar_t *work, int BM, int d, int G, int Mg, int Ns, int H, int W, int Th, int Tw,
+                              int T, int nthreads) {
+    NAME(blas_gemm) gemm = (NAME(blas_gemm))gemm_fn;
+    NAME(geometry) geo = {table, pos, qy, qx, G, Mg, Ns, H, W, Th, Tw};
+    int HW = H * W, tiles = (HW + T - 1) / T, BG = BM / Mg;
+    int64_t kv_size = (int64_t)BM * d * Ns, table_size = table ? (int64_t)G * Mg * Th * Tw : 0;
+    int64_t coord_size = table ? 2 * (int64_t)BG * Ns : 0;
+    int64_t acc_size = 2 * kv_size + table_size + coord_size;
+    int64_t tile_size = (int64_t)Mg * (2 * Ns + 1) * T + NAME(bias_scratch)(T, Tw);
+    int64_t per_thread = tile_size + acc_size;
+    int team = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int previous = blas_threads_fn ? ((int (*)(int))blas_threads_fn)(1) : 0;
+#pragma omp single
+        team = omp_get_num_threads();
+        scalar_t *P = work + (int64_t)omp_get_thread_num() * per_thread;
+        scalar_t *dS = P + (int64_t)Mg * Ns * T, *delta = dS + (int64_t)Mg * Ns * T, *scratch = delta + T;
+        scalar_t *acc = P + tile_size;
+        scalar_t *dk_acc = acc, *dv_acc = acc + kv_size, *dt = dv_acc + kv_size, *dc = dt + table_size;
+        memset(acc, 0, sizeof(scalar_t) * (size_t)acc_size);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < (int64_t)BG * tiles; item++) {
+            int bg = (int)(item / tiles), p0 = (int)(item % tiles) * T, n = HW - p0 < T ? HW - p0 : T;
+            NAME(logits)(gemm, &geo, q, k, bg, d, p0, n, P, scratch);
+            for (int m = 0; m < Mg; m++) {
+                int64_t bm = (int64_t)bg * Mg + m;
+                const scalar_t *qt = q + bm * d * HW + p0, *ot = out + bm * d * HW + p0;
+                const scalar_t *gt = dout + bm * d * HW + p0, *lt = lse + bm * HW + p0;
+                scalar_t *Pm = P + (int64_t)m * Ns * n, *dSm = dS + (int64_t)m * Ns * n;
+                for (int j = 0; j < Ns; j++) {
+                    scalar_t *s = Pm + (int64_t)j * n;
+#pragma omp simd
+                    for (int c = 0; c < n; c++) s[c] = EXP(s[c] - lt[c]);
+                }
+                /* delta = rowsum(dO * O) per query */
+                for (int c = 0; c < n; c++) delta[c] = 0;
+                for (int ch = 0; ch < d; ch++)
+#pragma omp simd
+                    for (int c = 0; c < n; c++) delta[c] += gt[(int64_t)ch * HW + c] * ot[(int64_t)ch * HW + c];
+                NAME(mm)(gemm, 0, 1, d, Ns, n, gt, HW, Pm, n, 1, dv_acc + bm * d * Ns, Ns);
+                NAME(mm)(gemm, 1, 0, Ns, n, d, v + bm * d * Ns, Ns, gt, HW, 0, dSm, n);
+                for (int j = 0; j < Ns; j++) {
+                    scalar_t *g = dSm + (int64_t)j * n;
+                    const scalar_t *p = Pm + (int64_t)j * n;
+#pragma omp simd
+                    for (int c = 0; c < n; c++) g[c] = p[c] * (g[c] - delta[c]);
+                }
+                NAME(mm)(gemm, 0, 0, d, n, Ns, k + bm * d * Ns, Ns, dSm, n, 0, dq + bm * d * HW + p0, HW);
+                NAME(mm)(gemm, 0, 1, d, Ns, n, qt, HW, dSm, n, 1, dk_acc + bm * d * Ns, Ns);
+            }
+            if (table) NAME(bias_grad)(&geo, bg, p0, n, dS, dt, dc, scratch);
+        }
+        if (blas_threads_fn) ((int (*)(int))blas_threads_fn)(previous);
+        /* after the loop's barrier: every thread's sums are complete */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < acc_size; i++) {
+            scalar_t s = 0;
+            for (int t = 0; t < team; t++) s += work[(int64_t)t * per_thread + tile_size + i];
+            if (i < kv_size) dk[i] = s;
+            else if (i < 2 * kv_size) dv[i - kv_size] = s;
+            else if (i < 2 * kv_size + table_size) dtable[i - 2 * kv_size] = s;
+            else dcoord[i - 2 * kv_size - table_size] = s;
+        }
+    }
+}
 """
 
 @functools.lru_cache(maxsize=1)
@@ -365,7 +670,19 @@ def native_library() -> Optional[ctypes.CDLL]:
     """The compiled bias kernels, or ``None`` (see :mod:`.native`)."""
     return native.load('deformable_attention_bias', _C_KERNELS,
                        {'bias_forward': (7, 13), 'bias_backward': (9, 12),
-                        'exp_shift': (2, 4)})
+                        'exp_shift': (2, 4), 'attention_forward': (12, 11),
+                        'attention_backward': (18, 11)}, wide_vectors=True)
+
+
+def _native_coords(pos, table, qy, qx):
+    """The C kernels' table coordinates: ``lo_y``, ``fy`` ``(BG, Ns, H)`` and ``lo_x``, ``fx``
+    ``(BG, Ns, W)`` (see :func:`_axis_coords`), the integer parts as int32."""
+    Th, Tw = table.shape[-2:]
+    lo_y, fy = _axis_coords(qy, pos[..., 0], Th)
+    lo_x, fx = _axis_coords(qx, pos[..., 1], Tw)
+    # far outside the table all corners are zero anyway; the clamp keeps int32 and the
+    # kernels' bands small (monotone, so lo_x stays non-decreasing along W)
+    return lo_y.clamp_(-2 * Th - 2, 3 * Th + 2).int(), fy, lo_x.clamp_(-2 * Tw - 2, 3 * Tw + 2).int(), fx
 
 
 class _NativeBias:
@@ -381,12 +698,7 @@ class _NativeBias:
         self.backward_kernel = native.function(lib, 'bias_backward', table.dtype)
         self.exp_shift = native.function(lib, 'exp_shift', table.dtype)
         self.threads = torch.get_num_threads()
-        lo_y, self.fy = _axis_coords(qy, pos[..., 0], Th)
-        lo_x, self.fx = _axis_coords(qx, pos[..., 1], Tw)
-        # far outside the table all corners are zero anyway; the clamp keeps int32 and the
-        # kernels' bands small (monotone, so lo_x stays non-decreasing along W)
-        self.lo_y = lo_y.clamp_(-2 * Th - 2, 3 * Th + 2).int()
-        self.lo_x = lo_x.clamp_(-2 * Tw - 2, 3 * Tw + 2).int()
+        self.lo_y, self.fy, self.lo_x, self.fx = _native_coords(pos, table, qy, qx)
         self.dims = [groups, M // groups, Ns, qy.numel(), qx.numel(), Th, Tw]
         self.dtable = self.dcoord = None
 
@@ -421,6 +733,79 @@ class _NativeBias:
 
 #: Use the C kernels on CPU when they build (tests switch this off to check the fallback).
 USE_NATIVE = True
+#: Of those, the whole attention in one kernel call per pass where PyTorch's BLAS is MKL.
+USE_FUSED = True
+#: Logits per tile of the fused kernel: the tile's probabilities and their gradient stay in
+#: a core's L2 cache between the GEMMs and the softmax.
+FUSED_TILE_ELEMENTS = 1 << 18
+
+
+class _FusedAttention:
+    """Both passes in one C call each (CPU, float32 / float64). The threads take (group, tile
+    of consecutive queries) items; per item and head, the logits (keys x tile) by one GEMM, the
+    bias, the softmax (backward: its gradient) in place, and the products with ``v`` (``dO``,
+    ``dS``) by GEMMs, all while the tile is in a core's cache. The table coordinates are
+    computed per key and row segment, shared by the group's heads, rather than read from
+    per-call ``(BG, Ns, W)`` tensors, which per tile would be as many bytes as its logits.
+    One parallel region per pass."""
+
+    def __init__(self, lib, blas: native.Blas, q, pos, table, qy, qx, groups: int, tile_elements: Optional[int]):
+        self.lib, self.dtype = lib, q.dtype
+        self.threads = torch.get_num_threads()
+        self.blas = [blas.gemm(q.dtype), blas.set_threads_local]
+        Ns = pos.shape[1]
+        self.BG, self.Mg = pos.shape[0], q.shape[0] // pos.shape[0]
+        H, W = qy.numel(), qx.numel()
+        self.T = min(H * W, max(1, (tile_elements or FUSED_TILE_ELEMENTS) // (self.Mg * Ns)))
+        if self.T >= W:
+            self.T -= self.T % W  # whole query rows: fewer row segments, each key's coordinates per row
+        elif self.T > 16:
+            self.T -= self.T % 16  # whole vectors
+        self.table = None if table is None else table.contiguous()
+        self.geometry = [self.table, pos, qy.contiguous(), qx.contiguous()]
+        Th, Tw = (0, 0) if table is None else table.shape[-2:]
+        self.dims = [groups, self.Mg, Ns, H, W, Th, Tw, self.T, self.threads]
+        # per thread: the backward pass's tile buffers and bias scratch (see the C kernels'
+        # ``work``; the forward pass needs less), then its gradient sums
+        self.tile_size = self.Mg * (2 * Ns + 1) * self.T + 3 * self.T + 6 * (5 * Tw + 8) + 1
+
+    def forward(self, q, k, v):
+        BM, d = q.shape[:2]
+        out, lse = q.new_empty(q.shape), q.new_empty(BM, *q.shape[2:])
+        work = native.workspace('deformable_attention', self.threads * self.tile_size, q.dtype)
+        native.function(self.lib, 'attention_forward', self.dtype)(
+            *self.blas, *native.pointers(q, k, v, *self.geometry, out, lse, work), BM, d, *self.dims)
+        return out, lse
+
+    def backward(self, q, k, v, out, lse, dout):
+        BM, d = q.shape[:2]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dtable = dcoord = None
+        accumulators = 2 * k.numel()
+        if self.table is not None:
+            dtable, dcoord = torch.empty_like(self.table), q.new_empty(self.BG, self.dims[2], 2)
+            accumulators += dtable.numel() + dcoord.numel()
+        work = native.workspace('deformable_attention', self.threads * (self.tile_size + accumulators), q.dtype)
+        dout = dout.contiguous()  # (the output projection's backward gives it channels-last)
+        native.function(self.lib, 'attention_backward', self.dtype)(
+            *self.blas, *native.pointers(q, k, v, *self.geometry, out, lse, dout, dq, dk, dv, dtable, dcoord, work),
+            BM, d, *self.dims)
+        if dcoord is not None:
+            Th, Tw = self.dims[5:7]
+            dcoord = dcoord * dcoord.new_tensor([-(Th - 1) / 4, -(Tw - 1) / 4])
+        return dq, dk, dv, dcoord, dtable
+
+
+def _fused(q, pos, table, qy, qx, groups, tile_elements) -> Optional[_FusedAttention]:
+    """The fused kernels where they run: see :data:`USE_FUSED`."""
+    if not (USE_NATIVE and USE_FUSED and q.device.type == 'cpu' and q.dtype in (torch.float32, torch.float64)
+            and pos.dtype == qy.dtype == qx.dtype == q.dtype and (table is None or table.dtype == q.dtype)
+            and torch.isfinite(pos).all()):
+        return None
+    lib, blas = native_library(), native.blas()
+    if lib is None or blas is None:
+        return None
+    return _FusedAttention(lib, blas, q, pos, table, qy, qx, groups, tile_elements)
 
 
 class _NoBias:
@@ -469,6 +854,12 @@ def _make_bias(pos, table, qy, qx, groups):
 
 # ----------------------------------------------------------------------------- attention
 
+def _default_tile(q: torch.Tensor, Ns: int) -> int:
+    """Logits per tile of the tiled path: see :func:`deformable_attention`."""
+    bound = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
+    return min(bound, max(q.shape[0] * q.shape[2] * q.shape[3] * Ns // TILES_PER_CALL, MIN_TILE_ELEMENTS))
+
+
 def _tiles(BG: int, per_group_row: int, H: int, target: int):
     """``(group slice, row slice)`` tiles of about ``target`` logits each."""
     if BG * per_group_row * H <= target:
@@ -510,12 +901,18 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         BM, d, H, W = q.shape
         Ns, BG = k.shape[-1], pos.shape[0]
         Mg = BM // BG
+        ctx.groups, ctx.tile_elements = groups, tile_elements
+        fused = _fused(q, pos, table, qy, qx, groups, tile_elements)
+        if fused is not None:
+            out, lse = fused.forward(q, k, v)
+            ctx.save_for_backward(q, k, v, pos, table, qy, qx, out, lse)
+            return out
         bias = _make_bias(pos, table, qy, qx, groups)
         out = q.new_empty(BM, d, H, W)
         # the denominators and maxima per tile, the log-sum-exp from them at the end: a log
         # per tile, of a strided slice, was 9 parallel regions (each a wake-up of the workers)
         lse, mx = q.new_empty(BM, H, W), q.new_empty(BM, H, W)
-        tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
+        tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements or _default_tile(q, Ns)))
         buf, buf2 = _buffers(q, tiles, Mg * Ns * W, bias)
         qv, kv = q.view(BG, Mg, d, H, W), k.view(BG, Mg, d, Ns)
         # a row of ones under v: the AV product's last row is the softmax denominator
@@ -533,7 +930,6 @@ class _DeformableAttentionFunction(torch.autograd.Function):
             mx.view(BG, Mg, H, W)[g, :, a] = m.view(n, Mg, A, W)
         lse.log_().add_(mx)
         ctx.save_for_backward(q, k, v, pos, table, qy, qx, out, lse)
-        ctx.groups, ctx.tile_elements = groups, tile_elements
         return out
 
     @staticmethod
@@ -549,6 +945,9 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
     BM, d, H, W = q.shape
     Ns, BG = k.shape[-1], pos.shape[0]
     Mg = BM // BG
+    fused = _fused(q, pos, table, qy, qx, groups, tile_elements)
+    if fused is not None:
+        return fused.backward(q, k, v, out, lse, dout)
     bias = _make_bias(pos, table, qy, qx, groups)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # Augmented operands fold the two per-query subtractions into the matmuls:
@@ -563,7 +962,7 @@ def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements
     doa[:, :d].copy_(dout)
     torch.sum(doa[:, :d] * out, 1, out=doa[:, d]).neg_()
     doa = doa.view(BG, Mg, d + 1, H, W)
-    tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements))
+    tiles = list(_tiles(BG, Mg * Ns * W, H, tile_elements or _default_tile(q, Ns)))
     buf, buf2 = _buffers(q, tiles, Mg * Ns * W, bias)
     dkv, dvv = dk.view(BG, Mg, d, Ns), dv.view(BG, Mg, d, Ns)
     for g, a in tiles:
@@ -597,8 +996,9 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
         table: ``(M, Th, Tw)`` relative position table, or ``None`` for no bias.
         qy, qx: ``H`` and ``W`` normalised query grid coordinates.
         groups: ``G``; heads ``[g*M/G, (g+1)*M/G)`` use group ``g``'s positions.
-        tile_elements: Logits per tile; default: about 1 / ``TILES_PER_CALL`` of all, at
-            least ``MIN_TILE_ELEMENTS``, at most ``DEFAULT_TILE_ELEMENTS[device]``.
+        tile_elements: Logits per tile; default: ``FUSED_TILE_ELEMENTS`` for the fused CPU
+            kernels, otherwise about 1 / ``TILES_PER_CALL`` of all, at least
+            ``MIN_TILE_ELEMENTS``, at most ``DEFAULT_TILE_ELEMENTS[device]``.
     Returns:
         ``(B*M, d, H, W)`` attention output (before the output projection) in ``q``'s dtype;
         float32 under autocast. Half-precision inputs are computed in float32.
@@ -610,9 +1010,6 @@ def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos:
         raise ValueError(f'inconsistent shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
                          f'pos {tuple(pos.shape)}, table {None if table is None else tuple(table.shape)}, '
                          f'groups {groups}')
-    if tile_elements is None:
-        bound = DEFAULT_TILE_ELEMENTS.get(q.device.type, DEFAULT_TILE_ELEMENTS['cuda'])
-        tile_elements = min(bound, max(BM * q.shape[2] * q.shape[3] * Ns // TILES_PER_CALL, MIN_TILE_ELEMENTS))
     return in_full_precision(_apply, (q, k, v, pos, table, qy, qx), groups, tile_elements)
 
 

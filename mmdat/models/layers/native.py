@@ -10,6 +10,7 @@ available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``
 ``MMDAT_NATIVE_OPS=0`` disables every kernel; callers then use their PyTorch paths.
 """
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -20,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -179,6 +180,32 @@ def workspace_views(name: str, shape: Tuple[int, ...], dtype: torch.dtype, count
     numel = math.prod(shape)
     work = workspace(name, count * numel + spare, dtype)
     return [work[i * numel:(i + 1) * numel].view(shape) for i in range(count)]
+
+
+class Blas(NamedTuple):
+    """Addresses of the BLAS PyTorch links, for kernels that run whole GEMMs inside their own
+    parallel regions: Fortran ``sgemm_`` and ``dgemm_``, and MKL's thread-local thread count
+    (set to 1 in each thread of the region, as MKL's own nesting rule would not for a team of 1)."""
+    sgemm: int
+    dgemm: int
+    set_threads_local: int
+
+    def gemm(self, dtype: torch.dtype) -> int:
+        return self.sgemm if dtype == torch.float32 else self.dgemm
+
+
+@functools.lru_cache(maxsize=1)
+def blas() -> Optional[Blas]:
+    """PyTorch's MKL, or ``None`` (another BLAS, whose thread count cannot be set per thread;
+    a platform without ``libtorch_cpu.so``; native kernels disabled)."""
+    if not enabled():
+        return None
+    try:
+        lib = ctypes.CDLL(osp.join(osp.dirname(torch.__file__), 'lib', 'libtorch_cpu.so'))
+        return Blas(*(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
+                      for f in ('sgemm_', 'dgemm_', 'MKL_Set_Num_Threads_Local')))
+    except (OSError, AttributeError):
+        return None
 
 
 def _source(kernels: str) -> str:
