@@ -735,9 +735,12 @@ class _NativeBias:
 USE_NATIVE = True
 #: Of those, the whole attention in one kernel call per pass where PyTorch's BLAS is MKL.
 USE_FUSED = True
-#: Logits per tile of the fused kernel: the tile's probabilities and their gradient stay in
-#: a core's L2 cache between the GEMMs and the softmax.
-FUSED_TILE_ELEMENTS = 1 << 18
+#: Logits per tile of the fused kernels (all heads of a group): the tile's probabilities and
+#: their gradient stay in a core's cache between the GEMMs and the softmax ...
+FUSED_TILE_ELEMENTS = 1 << 19
+#: ... but a tile has at least this many queries (the GEMMs' width): with many keys (DAT-T's
+#: stage 3 attends to all 4200 positions at 800x1344) narrower tiles made the GEMMs slow.
+FUSED_MIN_TILE_QUERIES = 96
 
 
 class _FusedAttention:
@@ -756,11 +759,17 @@ class _FusedAttention:
         Ns = pos.shape[1]
         self.BG, self.Mg = pos.shape[0], q.shape[0] // pos.shape[0]
         H, W = qy.numel(), qx.numel()
-        self.T = min(H * W, max(1, (tile_elements or FUSED_TILE_ELEMENTS) // (self.Mg * Ns)))
-        if self.T >= W:
-            self.T -= self.T % W  # whole query rows: fewer row segments, each key's coordinates per row
+        if tile_elements is None:
+            self.T = max(FUSED_TILE_ELEMENTS // (self.Mg * Ns), FUSED_MIN_TILE_QUERIES)
+        else:
+            self.T = max(tile_elements // (self.Mg * Ns), 1)
+        # whole query rows where they come close (fewer row segments, and measured faster even
+        # beyond the L2 budget), else whole vectors
+        if W <= 2 * self.T:
+            self.T = max(self.T - self.T % W, W)
         elif self.T > 16:
-            self.T -= self.T % 16  # whole vectors
+            self.T -= self.T % 16
+        self.T = min(self.T, H * W)
         self.table = None if table is None else table.contiguous()
         self.geometry = [self.table, pos, qy.contiguous(), qx.contiguous()]
         Th, Tw = (0, 0) if table is None else table.shape[-2:]
