@@ -196,10 +196,9 @@ class Blas(NamedTuple):
 
 @functools.lru_cache(maxsize=1)
 def blas() -> Optional[Blas]:
-    """PyTorch's MKL, or ``None`` (another BLAS, whose thread count cannot be set per thread;
-    a platform without ``libtorch_cpu.so``; native kernels disabled)."""
-    if not enabled():
-        return None
+    """PyTorch's MKL, or ``None`` (another BLAS, whose thread count cannot be set per thread,
+    or a platform without ``libtorch_cpu.so``). Callers also need their kernels built, which
+    ``MMDAT_NATIVE_OPS=0`` prevents."""
     try:
         lib = ctypes.CDLL(osp.join(osp.dirname(torch.__file__), 'lib', 'libtorch_cpu.so'))
         return Blas(*(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value
