@@ -170,7 +170,8 @@ def test_bias_matches_grid_sample_at_edges(where, impl, monkeypatch):
 @pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')
 def test_fused_kernels_are_the_cpu_default_and_sum_over_any_team(monkeypatch):
     """The fused kernels run by default on CPU (float32 and float64); each thread sums its own
-    dk, dv, table and position gradients, and the totals do not depend on the team size."""
+    dk, dv, table and position gradients, and the totals do not depend on the team size (nor
+    on the workspace bound that limits it)."""
     gen = torch.Generator().manual_seed(3)
     G, Mg, d, H, W, Ns = 2, 3, 8, 6, 13, 20
     qy, qx = torch.linspace(-1, 1, H, dtype=torch.double), torch.linspace(-1, 1, W, dtype=torch.double)
@@ -182,10 +183,19 @@ def test_fused_kernels_are_the_cpu_default_and_sum_over_any_team(monkeypatch):
     for dtype in (torch.float32, torch.float64):
         fused = ops._fused(q.to(dtype), pos.to(dtype), table.to(dtype), qy.to(dtype), qx.to(dtype), G, None)
         assert isinstance(fused, ops._FusedAttention)
+    monkeypatch.setattr(ops, 'FUSED_WORKSPACE_BYTES', 1)
+    assert ops._fused(q, pos, table, qy, qx, G, None).threads == 1
+    monkeypatch.setattr(ops, 'FUSED_WORKSPACE_BYTES', 256 << 20)
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: 64)
+    assert ops._fused(q, pos, table, qy, qx, G, None).threads == G  # one item per group here
+    monkeypatch.undo()
     results, threads = [], torch.get_num_threads()
     try:
-        for impl, team in (('native-bias', 2), ('fused', 1), ('fused', 3)):
+        for impl, team, workspace in (('native-bias', 2, None), ('fused', 1, None), ('fused', 3, None),
+                                      ('fused', 3, 1)):  # a workspace bound that leaves one thread
             _select(impl, monkeypatch, tile=Ns * Mg * 5)  # fused: 5 queries per tile, rows split
+            if workspace is not None:
+                monkeypatch.setattr(ops, 'FUSED_WORKSPACE_BYTES', workspace)
             torch.set_num_threads(team)
             inputs = [t.clone().requires_grad_() for t in (q, k, v, pos, table)]
             out = ops.deformable_attention(*inputs, qy, qx, G)

@@ -741,6 +741,10 @@ FUSED_TILE_ELEMENTS = 1 << 19
 #: ... but a tile has at least this many queries (the GEMMs' width): with many keys (DAT-T's
 #: stage 3 attends to all 4200 positions at 800x1344) narrower tiles made the GEMMs slow.
 FUSED_MIN_TILE_QUERIES = 96
+#: The fused kernels' threads each keep tile buffers and gradient sums (8-10 MB per thread for
+#: the DAT-T++ and DAT-T blocks at 800x1344); on many-core CPUs fewer threads run them rather
+#: than the workspace growing past this.
+FUSED_WORKSPACE_BYTES = 256 << 20
 
 
 class _FusedAttention:
@@ -754,7 +758,6 @@ class _FusedAttention:
 
     def __init__(self, lib, blas: native.Blas, q, pos, table, qy, qx, groups: int, tile_elements: Optional[int]):
         self.lib, self.dtype = lib, q.dtype
-        self.threads = torch.get_num_threads()
         self.blas = [blas.gemm(q.dtype), blas.set_threads_local]
         Ns = pos.shape[1]
         self.BG, self.Mg = pos.shape[0], q.shape[0] // pos.shape[0]
@@ -773,10 +776,15 @@ class _FusedAttention:
         self.table = None if table is None else table.contiguous()
         self.geometry = [self.table, pos, qy.contiguous(), qx.contiguous()]
         Th, Tw = (0, 0) if table is None else table.shape[-2:]
-        self.dims = [groups, self.Mg, Ns, H, W, Th, Tw, self.T, self.threads]
         # per thread: the backward pass's tile buffers and bias scratch (see the C kernels'
-        # ``work``; the forward pass needs less), then its gradient sums
+        # ``work``; the forward pass needs less), then its gradient sums of k, v, table, positions
         self.tile_size = self.Mg * (2 * Ns + 1) * self.T + 3 * self.T + 6 * (5 * Tw + 8) + 1
+        sums = 2 * q.shape[0] * q.shape[1] * Ns + (0 if table is None else table.numel() + 2 * self.BG * Ns)
+        self.per_thread = self.tile_size + sums
+        items = self.BG * -(-H * W // self.T)
+        self.threads = max(1, min(torch.get_num_threads(), items,
+                                  FUSED_WORKSPACE_BYTES // (self.per_thread * q.element_size())))
+        self.dims = [groups, self.Mg, Ns, H, W, Th, Tw, self.T, self.threads]
 
     def forward(self, q, k, v):
         BM, d = q.shape[:2]
@@ -790,11 +798,9 @@ class _FusedAttention:
         BM, d = q.shape[:2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dtable = dcoord = None
-        accumulators = 2 * k.numel()
         if self.table is not None:
             dtable, dcoord = torch.empty_like(self.table), q.new_empty(self.BG, self.dims[2], 2)
-            accumulators += dtable.numel() + dcoord.numel()
-        work = native.workspace('deformable_attention', self.threads * (self.tile_size + accumulators), q.dtype)
+        work = native.workspace('deformable_attention', self.threads * self.per_thread, q.dtype)
         dout = dout.contiguous()  # (the output projection's backward gives it channels-last)
         native.function(self.lib, 'attention_backward', self.dtype)(
             *self.blas, *native.pointers(q, k, v, *self.geometry, out, lse, dout, dq, dk, dv, dtable, dcoord, work),
