@@ -52,7 +52,7 @@ model 2-3x here (most those with many parallel ops, such as the tiled attention 
 ``--omp-wait-policy inherit`` keeps the environment's setting. On an idle machine PASSIVE has
 its own cost: every parallel region wakes the sleeping workers (about 85 us on the 2-core VM
 this was written on), which weighs on models with many regions (a DAT-T++ fwd+bwd step at
-800x1344 has about 5000, Swin-T's 1200); ``inherit`` measures what a default environment gets.
+800x1344 has about 2000, DAT-T 800, Swin-T 1200); ``inherit`` measures what a default environment gets.
 """
 import argparse
 import json
