@@ -23,10 +23,10 @@ displacement grid itself. This module computes the same function tile by tile:
 Three implementations, same numbers:
 
 * On CPU with PyTorch's MKL, fused C kernels (:class:`_FusedAttention`): one parallel
-  region per pass, whose threads take tiles of about a hundred queries of one group and keep
-  each tile's logits in their core's cache from the GEMM (MKL, single-threaded per tile)
-  through the bias and softmax to the products with ``v``; the per-thread gradient sums are
-  added up at the end.
+  region per pass, whose threads take tiles of one group's queries (a few hundred, whole rows
+  where possible) and keep each tile's logits in their core's cache from the GEMM (MKL,
+  single-threaded per tile) through the bias and softmax to the products with ``v``; the
+  per-thread gradient sums are added up at the end.
 * On CPU otherwise, the tiles above with PyTorch matmuls and the bias in C.
 * On CUDA (or without a C compiler), the tiles with the bias by PyTorch gathers and scatters.
 
