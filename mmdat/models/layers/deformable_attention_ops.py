@@ -590,7 +590,8 @@ void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_
     }
 }
 
-/* Gradients of attention_forward given dout (BM, d, HW), out and lse: dq (BM, d, HW); dk, dv (BM, d, Ns);
+/* Gradients of attention_forward given dout (BM, d, HW), or (HW, BM, d) when dout_cl (a batch of one's
+   channels-last gradient), out and lse: dq (BM, d, HW); dk, dv (BM, d, Ns);
    dtable (M, Th, Tw) and dcoord (BG, Ns, 2) (w.r.t. the keys' table coordinates) when table is given.
    work: nthreads * (Mg * (2 * Ns + 1) * T + bias_scratch + 2 * BM * d * Ns + M * Th * Tw + 2 * BG * Ns) */
 void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar_t *q, const scalar_t *k,
@@ -598,10 +599,10 @@ void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar
                               const scalar_t *qx, const scalar_t *out, const scalar_t *lse, const scalar_t *dout,
                               scalar_t *dq, scalar_t *dk, scalar_t *dv, scalar_t *dtable, scalar_t *dcoord,
                               scalar_t *work, int BM, int d, int G, int Mg, int Ns, int H, int W, int Th, int Tw,
-                              int T, int nthreads) {
+                              int T, int dout_cl, int nthreads) {
     NAME(blas_gemm) gemm = (NAME(blas_gemm))gemm_fn;
     NAME(geometry) geo = {table, pos, qy, qx, G, Mg, Ns, H, W, Th, Tw};
-    int HW = H * W, tiles = (HW + T - 1) / T, BG = BM / Mg;
+    int HW = H * W, tiles = (HW + T - 1) / T, BG = BM / Mg, ldg = dout_cl ? BM * d : HW;
     int64_t kv_size = (int64_t)BM * d * Ns, table_size = table ? (int64_t)G * Mg * Th * Tw : 0;
     int64_t coord_size = table ? 2 * (int64_t)BG * Ns : 0;
     int64_t acc_size = 2 * kv_size + table_size + coord_size;
@@ -625,7 +626,8 @@ void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar
             for (int m = 0; m < Mg; m++) {
                 int64_t bm = (int64_t)bg * Mg + m;
                 const scalar_t *qt = q + bm * d * HW + p0, *ot = out + bm * d * HW + p0;
-                const scalar_t *gt = dout + bm * d * HW + p0, *lt = lse + bm * HW + p0;
+                const scalar_t *gt = dout + (dout_cl ? bm * d + (int64_t)p0 * ldg : bm * d * HW + p0);
+                const scalar_t *lt = lse + bm * HW + p0;
                 scalar_t *Pm = P + (int64_t)m * Ns * n, *dSm = dS + (int64_t)m * Ns * n;
                 for (int j = 0; j < Ns; j++) {
                     scalar_t *s = Pm + (int64_t)j * n;
@@ -634,11 +636,17 @@ void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar
                 }
                 /* delta = rowsum(dO * O) per query */
                 for (int c = 0; c < n; c++) delta[c] = 0;
-                for (int ch = 0; ch < d; ch++)
+                if (dout_cl) {
+                    for (int c = 0; c < n; c++)
+                        for (int ch = 0; ch < d; ch++) delta[c] += gt[(int64_t)c * ldg + ch] * ot[(int64_t)ch * HW + c];
+                } else {
+                    for (int ch = 0; ch < d; ch++)
 #pragma omp simd
-                    for (int c = 0; c < n; c++) delta[c] += gt[(int64_t)ch * HW + c] * ot[(int64_t)ch * HW + c];
-                NAME(mm)(gemm, 0, 1, d, Ns, n, gt, HW, Pm, n, 1, dv_acc + bm * d * Ns, Ns);
-                NAME(mm)(gemm, 1, 0, Ns, n, d, v + bm * d * Ns, Ns, gt, HW, 0, dSm, n);
+                        for (int c = 0; c < n; c++) delta[c] += gt[(int64_t)ch * HW + c] * ot[(int64_t)ch * HW + c];
+                }
+                /* dO's tile (d x n) is stored transposed when dout_cl */
+                NAME(mm)(gemm, dout_cl, 1, d, Ns, n, gt, ldg, Pm, n, 1, dv_acc + bm * d * Ns, Ns);
+                NAME(mm)(gemm, 1, dout_cl, Ns, n, d, v + bm * d * Ns, Ns, gt, ldg, 0, dSm, n);
                 for (int j = 0; j < Ns; j++) {
                     scalar_t *g = dSm + (int64_t)j * n;
                     const scalar_t *p = Pm + (int64_t)j * n;
@@ -671,7 +679,7 @@ def native_library() -> Optional[ctypes.CDLL]:
     return native.load('deformable_attention_bias', _C_KERNELS,
                        {'bias_forward': (7, 13), 'bias_backward': (9, 12),
                         'exp_shift': (2, 4), 'attention_forward': (12, 11),
-                        'attention_backward': (18, 11)}, wide_vectors=True)
+                        'attention_backward': (18, 12)}, wide_vectors=True)
 
 
 def _native_coords(pos, table, qy, qx):
@@ -801,10 +809,14 @@ class _FusedAttention:
         if self.table is not None:
             dtable, dcoord = torch.empty_like(self.table), q.new_empty(self.BG, self.dims[2], 2)
         work = native.workspace('deformable_attention', self.threads * self.per_thread, q.dtype)
-        dout = dout.contiguous()  # (the output projection's backward gives it channels-last)
+        # the output projection's backward gives a batch of one's gradient channels-last: read as is
+        H, W = q.shape[2:]
+        channels_last = dout.stride() == (d, 1, W * BM * d, BM * d)
+        if not channels_last:
+            dout = dout.contiguous()
         native.function(self.lib, 'attention_backward', self.dtype)(
             *self.blas, *native.pointers(q, k, v, *self.geometry, out, lse, dout, dq, dk, dv, dtable, dcoord, work),
-            BM, d, *self.dims)
+            BM, d, *self.dims[:-1], int(channels_last), self.dims[-1])
         if dcoord is not None:
             Th, Tw = self.dims[5:7]
             dcoord = dcoord * dcoord.new_tensor([-(Th - 1) / 4, -(Tw - 1) / 4])
