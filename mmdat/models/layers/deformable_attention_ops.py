@@ -413,10 +413,10 @@ static inline int NAME(table_coord)(scalar_t qc, scalar_t pc, int size, scalar_t
     return (int)lo;
 }
 
-/* Key j (of group bg) against the queries of row a, columns [b0, b1): the table row lo_y and
-   weight fy, and per column the band cell idx (from cell xs on) and weight wx; returns the band
-   width (cells xs .. xs + band - 1) */
-typedef struct { int lo_y, xs, band; scalar_t fy, px; } NAME(key_row);
+/* Key j (of group bg) against the queries of row a, columns [b0, b1): per column the band cell
+   idx (counted from the band's first cell) and weight wx; returns the table row lo_y and weight
+   fy, and the band: cells xs .. xs + band - 1 of those rows */
+typedef struct { int lo_y, xs, band; scalar_t fy; } NAME(key_row);
 
 static inline NAME(key_row) NAME(key_columns)(const NAME(geometry) *geo, int bg, int j, int a, int b0, int b1,
                                              int *idx, scalar_t *wx) {
