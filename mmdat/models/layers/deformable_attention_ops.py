@@ -239,6 +239,77 @@ static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_
     for (int x = x0; x < x1; x++) D[x] = (r1 ? r1[x] : (scalar_t)0) - (r0 ? r0[x] : (scalar_t)0);
 }
 
+/* s[c] += the bias of one key at one query row and head (table t), over n columns whose first
+   corners are table columns cell[c] (non-decreasing) with weights wx[c]; y0, w: the table row
+   and its weight. R: scratch of 2 * band (see rows) */
+static inline void NAME(add_row_bias)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, const int32_t *cell,
+                                      const scalar_t *wx, int n, scalar_t *s, scalar_t *R) {
+    int xs = cell[0], bx = cell[n - 1] - xs + 2;
+    scalar_t *Rd = R + bx;
+    NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, NULL);
+    for (int x = 0; x + 1 < bx; x++) Rd[x] = R[x + 1] - R[x];
+#pragma omp simd
+    for (int c = 0; c < n; c++) s[c] += R[cell[c] - xs] + wx[c] * Rd[cell[c] - xs];
+}
+
+/* The columns whose first corner is band cell i (cell[c] - xs, non-decreasing in c) are
+   [seg[i], seg[i + 1]) for i < band; returns the most columns of one cell. Without branches,
+   which runs of a few columns per cell mispredict. */
+static inline int NAME(cell_segments)(const int32_t *cell, int n, int xs, int band, int *seg) {
+    for (int i = 0; i <= band; i++) seg[i] = n;
+    for (int c = n - 1; c >= 0; c--) seg[cell[c] - xs] = c;
+    int longest = 0;
+    for (int i = band - 1; i >= 0; i--) {
+        seg[i] = seg[i] < seg[i + 1] ? seg[i] : seg[i + 1];
+        longest = seg[i + 1] - seg[i] > longest ? seg[i + 1] - seg[i] : longest;
+    }
+    return longest;
+}
+
+/* Gradients of add_row_bias (band cells xs .. xs + bx - 1; seg and longest from cell_segments)
+   given g, the logits' gradient at its n columns: into the head's table d and into *gy, *gx,
+   those w.r.t. the key's table coordinates (y, x). buf: 4 * bx + n */
+static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, int xs, int bx,
+                                       const int *seg, int longest, const scalar_t *g, const scalar_t *wx, int n,
+                                       scalar_t *d, scalar_t *gy, scalar_t *gx, scalar_t *buf) {
+    scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx, *gw = buf + 4 * bx;
+#pragma omp simd
+    for (int c = 0; c < n; c++) gw[c] = g[c] * wx[c];
+    /* bias[c] = (1 - wx) R[i] + wx R[i + 1], i = cell[c] - xs: per cell i the sums of g and
+       g * wx over its columns, a column offset at a time over all cells */
+    for (int i = 0; i < bx; i++) Eu[i] = E1[i] = 0;
+    for (int k = 0; k < longest; k++)
+#pragma omp simd
+        for (int i = 0; i < bx; i++) {
+            int c = seg[i] + k;
+            if (c < seg[i + 1]) {
+                Eu[i] += g[c];
+                E1[i] += gw[c];
+            }
+        }
+    NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, D);
+    /* dR[i] = Eu[i] - E1[i] + E1[i - 1] (into E1), the gradient w.r.t. R; a band is a few
+       cells, too short for vector reductions */
+    scalar_t sy = 0, sx = 0;
+    for (int i = bx - 1; i > 0; i--) {
+        E1[i] = Eu[i] - E1[i] + E1[i - 1];
+        sy += E1[i] * D[i];
+        sx += Eu[i - 1] * (R[i] - R[i - 1]);
+    }
+    E1[0] = Eu[0] - E1[0];
+    *gy += sy + E1[0] * D[0];
+    *gx += sx;
+    /* the table cells the band's two rows cover: x in [x0, x1) */
+    int x0 = xs < 0 ? -xs : 0, x1 = Tw - xs < bx ? Tw - xs : bx;
+    d += xs;
+    if (y0 >= 0 && y0 < Th)
+#pragma omp simd
+        for (int x = x0; x < x1; x++) d[(int64_t)y0 * Tw + x] += E1[x] - E1[x] * w;
+    if (y0 + 1 >= 0 && y0 + 1 < Th)
+#pragma omp simd
+        for (int x = x0; x < x1; x++) d[(int64_t)(y0 + 1) * Tw + x] += E1[x] * w;
+}
+
 /* One tile's logits S (n, Mg, Ns, A, W) hold q.k (minus the log-sum-exp in the backward pass).
    exp_mode 0 (forward): S += bias, and mx (n, Mg, A, W) = the max over the keys; then exp_shift.
    exp_mode 1 (backward): S = EXP(S + bias), the probabilities. */
@@ -261,23 +332,17 @@ void NAME(bias_forward)(const scalar_t *table, const int32_t *lo_y, const scalar
             int bgl = (int)(gj / Ns), j = (int)(gj % Ns), bg = g0 + bgl;
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
             const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
-            int xs = lx[0], bx = lx[W - 1] - xs + 2;  /* lo_x is non-decreasing along W */
+            int bx = lx[W - 1] - lx[0] + 2;  /* lo_x is non-decreasing along W */
             if (2 * (int64_t)bx > capacity) {
                 capacity = 2 * (int64_t)bx;
                 R = (scalar_t *)realloc(R, sizeof(scalar_t) * (size_t)capacity);
             }
-            scalar_t *Rd = R + bx;
             for (int a = 0; a < A; a++) {
                 int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
                 for (int m = 0; m < Mg; m++) {
                     const scalar_t *t = table + (int64_t)((bg % G) * Mg + m) * Th * Tw;
-                    NAME(rows)(t, Th, Tw, lo_y[yi], fy[yi], xs, bx, R, NULL);
-                    for (int x = 0; x + 1 < bx; x++) Rd[x] = R[x + 1] - R[x];
                     scalar_t *o = S + ((((int64_t)bgl * Mg + m) * Ns + j) * A + a) * W;
-                    for (int b = 0; b < W; b++) {
-                        int i = lx[b] - xs;
-                        o[b] += R[i] + wx[b] * Rd[i];
-                    }
+                    NAME(add_row_bias)(t, Th, Tw, lo_y[yi], fy[yi], lx, wx, W, o, R);
                     /* separate loops: EXP and the max vectorize on their own */
                     if (exp_mode) {
 #pragma omp simd
@@ -330,18 +395,12 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
             const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
             int xs = lx[0], bx = lx[W - 1] - xs + 2;
-            if (4 * (int64_t)bx > capacity) {
-                capacity = 4 * (int64_t)bx;
-                buf = (scalar_t *)realloc(buf, sizeof(scalar_t) * (size_t)capacity);
-                seg = (int *)realloc(seg, sizeof(int) * (size_t)(capacity + 1));
+            if (bx + 1 > capacity) {
+                capacity = bx + 1;
+                buf = (scalar_t *)realloc(buf, sizeof(scalar_t) * (size_t)(4 * capacity + W));
+                seg = (int *)realloc(seg, sizeof(int) * (size_t)capacity);
             }
-            scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx;
-            /* the query columns whose first corner is band cell i are [seg[i], seg[i + 1]):
-               lo_x is non-decreasing, so the sums below run in registers, not through memory */
-            for (int i = 0, b = 0; i <= bx; i++) {
-                while (b < W && lx[b] - xs < i) b++;
-                seg[i] = b;
-            }
+            int longest = NAME(cell_segments)(lx, W, xs, bx, seg);
             scalar_t gy = 0, gx = 0;
             for (int a = 0; a < A; a++) {
                 int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
@@ -354,27 +413,8 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
                     const scalar_t *p = P + row;
 #pragma omp simd
                     for (int b = 0; b < W; b++) g[b] *= p[b];  /* dP - D -> dS, in place */
-                    /* bias[b] = (1 - fx) R[i] + fx R[i + 1], i = lo_x[b] - xs */
-                    for (int i = 0; i < bx; i++) {
-                        scalar_t su = 0, s1 = 0;
-                        for (int b = seg[i]; b < seg[i + 1]; b++) {
-                            su += g[b];
-                            s1 += g[b] * wx[b];
-                        }
-                        Eu[i] = su;
-                        E1[i] = s1;
-                    }
-                    NAME(rows)(table + head * Th * Tw, Th, Tw, y0, w, xs, bx, R, D);
-                    scalar_t *d = dt + head * Th * Tw;
-                    for (int x = 0; x < bx; x++) {
-                        if (x + 1 < bx) gx += Eu[x] * (R[x + 1] - R[x]);
-                        scalar_t dr = Eu[x] - E1[x] + (x > 0 ? E1[x - 1] : (scalar_t)0);
-                        gy += dr * D[x];
-                        int xx = xs + x;
-                        if (xx < 0 || xx >= Tw) continue;
-                        if (y0 >= 0 && y0 < Th) d[(int64_t)y0 * Tw + xx] += dr - dr * w;
-                        if (y0 + 1 >= 0 && y0 + 1 < Th) d[(int64_t)(y0 + 1) * Tw + xx] += dr * w;
-                    }
+                    NAME(row_bias_grad)(table + head * Th * Tw, Th, Tw, y0, w, xs, bx, seg, longest, g, wx, W,
+                                        dt + head * Th * Tw, &gy, &gx, buf);
                 }
             }
             dcoord[((int64_t)bg * Ns + j) * 2] += gy;
@@ -413,20 +453,19 @@ static inline int NAME(table_coord)(scalar_t qc, scalar_t pc, int size, scalar_t
     return (int)lo;
 }
 
-/* Key j (of group bg) against the queries of row a, columns [b0, b1): per column the band cell
-   idx (counted from the band's first cell) and weight wx; returns the table row lo_y and weight
-   fy, and the band: cells xs .. xs + band - 1 of those rows */
+/* Key j (of group bg) against the queries of row a, columns [b0, b1): per column the table
+   column of the first corner, cell, and its weight wx; returns the table row lo_y and weight fy,
+   and the band: cells xs .. xs + band - 1 of those rows */
 typedef struct { int lo_y, xs, band; scalar_t fy; } NAME(key_row);
 
 static inline NAME(key_row) NAME(key_columns)(const NAME(geometry) *geo, int bg, int j, int a, int b0, int b1,
-                                             int *idx, scalar_t *wx) {
+                                             int32_t *cell, scalar_t *wx) {
     const scalar_t *p = geo->pos + ((int64_t)bg * geo->Ns + j) * 2;
     NAME(key_row) kr;
     kr.lo_y = NAME(table_coord)(geo->qy[a], p[0], geo->Th, &kr.fy);
-    for (int b = b0; b < b1; b++) idx[b - b0] = NAME(table_coord)(geo->qx[b], p[1], geo->Tw, wx + b - b0);
-    kr.xs = idx[0];
-    kr.band = idx[b1 - b0 - 1] - kr.xs + 2;  /* non-decreasing along the row */
-    for (int c = 0; c < b1 - b0; c++) idx[c] -= kr.xs;
+    for (int b = b0; b < b1; b++) cell[b - b0] = NAME(table_coord)(geo->qx[b], p[1], geo->Tw, wx + b - b0);
+    kr.xs = cell[0];
+    kr.band = cell[b1 - b0 - 1] - kr.xs + 2;  /* non-decreasing along the row */
     return kr;
 }
 
@@ -440,22 +479,17 @@ static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const 
         NAME(mm)(gemm, 1, 0, Ns, n, d, k + bm * d * Ns, Ns, q + bm * d * HW + p0, HW, 0, S + m * (int64_t)Ns * n, n);
     }
     if (!geo->table) return;
-    int *idx = (int *)scratch;
+    int32_t *cell = (int32_t *)scratch;
     scalar_t *wx = scratch + n, *R = wx + n;
     /* the tile as row segments: row a, columns [b0, b1) at tile column c0 */
     for (int c0 = 0; c0 < n;) {
         int a = (p0 + c0) / geo->W, b0 = (p0 + c0) % geo->W;
         int b1 = b0 + (n - c0 < geo->W - b0 ? n - c0 : geo->W - b0);
         for (int j = 0; j < Ns; j++) {
-            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b1, idx, wx);
-            scalar_t *Rd = R + kr.band;
+            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b1, cell, wx);
             for (int m = 0; m < Mg; m++) {
                 const scalar_t *t = geo->table + (int64_t)((bg % geo->G) * Mg + m) * Th * Tw;
-                NAME(rows)(t, Th, Tw, kr.lo_y, kr.fy, kr.xs, kr.band, R, NULL);
-                for (int x = 0; x + 1 < kr.band; x++) Rd[x] = R[x + 1] - R[x];
-                scalar_t *s = S + ((int64_t)m * Ns + j) * n + c0;
-#pragma omp simd
-                for (int c = 0; c < b1 - b0; c++) s[c] += R[idx[c]] + wx[c] * Rd[idx[c]];
+                NAME(add_row_bias)(t, Th, Tw, kr.lo_y, kr.fy, cell, wx, b1 - b0, S + ((int64_t)m * Ns + j) * n + c0, R);
             }
         }
         c0 += b1 - b0;
@@ -468,65 +502,22 @@ static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const 
 static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, const scalar_t *dS, scalar_t *dt,
                             scalar_t *dc, scalar_t *scratch) {
     int Ns = geo->Ns, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
-    int *idx = (int *)scratch;
-    scalar_t *wx = scratch + n, *gw = wx + n, *buf = gw + n;
+    int32_t *cell = (int32_t *)scratch;
+    scalar_t *wx = scratch + n, *buf = wx + n;
     for (int c0 = 0; c0 < n;) {
         int a = (p0 + c0) / geo->W, b0 = (p0 + c0) % geo->W;
         int nb = (n - c0 < geo->W - b0 ? n - c0 : geo->W - b0);
         for (int j = 0; j < Ns; j++) {
-            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b0 + nb, idx, wx);
-            int bx = kr.band, y0 = kr.lo_y;
-            scalar_t w = kr.fy, gy = 0, gx = 0;
-            scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx;
-            int *seg = (int *)(buf + 4 * bx);
-            /* the columns whose first corner is band cell i are [seg[i], seg[i + 1]) (idx is
-               non-decreasing); without branches, which a run of a few columns per cell mispredicts */
-            for (int i = 0; i <= bx; i++) seg[i] = nb;
-            for (int c = nb - 1; c >= 0; c--) seg[idx[c]] = c;
-            int longest = 0;
-            for (int i = bx - 1; i >= 0; i--) {
-                seg[i] = seg[i] < seg[i + 1] ? seg[i] : seg[i + 1];
-                longest = seg[i + 1] - seg[i] > longest ? seg[i + 1] - seg[i] : longest;
-            }
-            /* the table cells the band's two rows cover: x in [x0, x1) */
-            int x0 = kr.xs < 0 ? -kr.xs : 0, x1 = Tw - kr.xs < bx ? Tw - kr.xs : bx;
+            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b0 + nb, cell, wx);
+            int *seg = (int *)(buf + 4 * kr.band + nb);
+            int longest = NAME(cell_segments)(cell, nb, kr.xs, kr.band, seg);
+            scalar_t *gyx = dc + ((int64_t)bg * Ns + j) * 2;
             for (int m = 0; m < Mg; m++) {
                 int64_t head = (int64_t)((bg % geo->G) * Mg + m);
-                const scalar_t *g = dS + ((int64_t)m * Ns + j) * n + c0;
-#pragma omp simd
-                for (int c = 0; c < nb; c++) gw[c] = g[c] * wx[c];
-                /* bias[c] = (1 - wx) R[i] + wx R[i + 1], i = idx[c]: per cell i the sums of g and
-                   g * wx over its columns, a column offset at a time over all cells */
-                for (int i = 0; i < bx; i++) Eu[i] = E1[i] = 0;
-                for (int t = 0; t < longest; t++)
-#pragma omp simd
-                    for (int i = 0; i < bx; i++) {
-                        int c = seg[i] + t;
-                        if (c < seg[i + 1]) {
-                            Eu[i] += g[c];
-                            E1[i] += gw[c];
-                        }
-                    }
-                NAME(rows)(geo->table + head * Th * Tw, Th, Tw, y0, w, kr.xs, bx, R, D);
-                /* dR[i] = Eu[i] - E1[i] + E1[i - 1] (into E1), the gradient w.r.t. R; a band is
-                   a few cells, too short for vector reductions */
-                for (int i = bx - 1; i > 0; i--) {
-                    E1[i] = Eu[i] - E1[i] + E1[i - 1];
-                    gy += E1[i] * D[i];
-                    gx += Eu[i - 1] * (R[i] - R[i - 1]);
-                }
-                E1[0] = Eu[0] - E1[0];
-                gy += E1[0] * D[0];
-                scalar_t *d = dt + head * Th * Tw + kr.xs;
-                if (y0 >= 0 && y0 < Th)
-#pragma omp simd
-                    for (int x = x0; x < x1; x++) d[(int64_t)y0 * Tw + x] += E1[x] - E1[x] * w;
-                if (y0 + 1 >= 0 && y0 + 1 < Th)
-#pragma omp simd
-                    for (int x = x0; x < x1; x++) d[(int64_t)(y0 + 1) * Tw + x] += E1[x] * w;
+                NAME(row_bias_grad)(geo->table + head * Th * Tw, Th, Tw, kr.lo_y, kr.fy, kr.xs, kr.band, seg, longest,
+                                    dS + ((int64_t)m * Ns + j) * n + c0, wx, nb, dt + head * Th * Tw, gyx, gyx + 1,
+                                    buf);
             }
-            dc[((int64_t)bg * Ns + j) * 2] += gy;
-            dc[((int64_t)bg * Ns + j) * 2 + 1] += gx;
         }
         c0 += nb;
     }
