@@ -226,7 +226,8 @@ def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu:
     ``input_bias`` (the sum of ``grad_x`` over the positions; ``None`` without it)."""
     B, H, W, Ch = x.shape
     threads = torch.get_num_threads()
-    dwt, dbias, dinput = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch), x.new_zeros(threads, Ch)
+    dwt, dbias = x.new_zeros(threads, 9, Ch), x.new_zeros(threads, Ch)
+    dinput = None if input_bias is None else x.new_zeros(threads, Ch)
     native.function(native_library(), 'residual_dwconv_backward', x.dtype)(
         *native.pointers(x, wt, bias, input_bias, grad_out, grad_x, dwt, dbias, dinput), B, H, W, Ch, int(gelu),
         threads)
