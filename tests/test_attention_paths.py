@@ -167,6 +167,29 @@ def test_bias_matches_grid_sample_at_edges(where, impl, monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize('impl', DA_IMPLS)
+@pytest.mark.parametrize('tile', [None, 60], ids=['row-tiles', 'split-rows'])
+@pytest.mark.parametrize('W,Tw', [(40, 27), (37, 71), (21, 111)], ids=['few-cells', 'cell-per-column', 'wide'])
+def test_bias_float32_at_any_cell_density(W, Tw, tile, impl, monkeypatch):
+    """Float32 bias and gradients against float64 where 16 query columns span a few table
+    cells, about 16 (the vector kernels' limit) or many more, in rows split or not."""
+    _select(impl, monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    B, G, Mg, d, H, Ns, Th = 1, 2, 2, 8, 6, 10, 9
+    qy, qx = _axis_grid(H, False, 'pp', 'cpu', torch.double), _axis_grid(W, False, 'pp', 'cpu', torch.double)
+    pos = torch.rand(B * G, Ns, 2, generator=gen, dtype=torch.double) * 2.4 - 1.2
+    q, k, v = (torch.randn(B * G * Mg, d, *s, generator=gen, dtype=torch.double) for s in ((H, W), (Ns, 1), (Ns, 1)))
+    table = torch.randn(G * Mg, Th, Tw, generator=gen, dtype=torch.double) * 3
+    gout = torch.randn(B * G * Mg, d, H, W, generator=gen, dtype=torch.double)
+    results = []
+    for dtype in (torch.double, torch.float):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k.squeeze(-1), v.squeeze(-1), pos, table)]
+        out = ops.deformable_attention(*inputs, qy.to(dtype), qx.to(dtype), G, tile_elements=tile)
+        results.append([out, *torch.autograd.grad((out * gout.to(dtype)).sum(), inputs)])
+    for name, a, b in zip('out q k v pos table'.split(), *results):
+        torch.testing.assert_close(b.double(), a, atol=2e-5 * max(a.abs().max().item(), 1.), rtol=0, msg=name)
+
+
 @pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')
 def test_fused_kernels_are_the_cpu_default_and_sum_over_any_team(monkeypatch):
     """The fused kernels run by default on CPU (float32 and float64); each thread sums its own

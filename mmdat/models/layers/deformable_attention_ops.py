@@ -208,6 +208,29 @@ class _TorchBias:
 
 #: One tile of the bias, forward and backward; included once per scalar type.
 _C_KERNELS = r"""
+/* 16-lane float vectors (AVX-512) for the bias's column loops: a row's cells lie within a few
+   vector lanes of its columns, so permutes replace gathers, and in-register prefix sums the
+   per-cell sums of the backward pass. Elsewhere (and for double) the plain loops below. */
+#undef PERMUTE16
+#if FLOAT32 && defined(__AVX512F__)
+#include <immintrin.h>
+#define PERMUTE16 1
+/* inclusive prefix sums over the lanes */
+static inline __m512 NAME(scan16)(__m512 x) {
+    const __m512i z = _mm512_setzero_si512();
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), z, 15)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), z, 14)));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), z, 12)));
+    return _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), z, 8)));
+}
+/* lane l = x[l - 1], lane 0 = 0 */
+static inline __m512 NAME(shift1)(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), _mm512_setzero_si512(), 15));
+}
+#else
+#define PERMUTE16 0
+#endif
+
 /* R[x] = table row y0 + fy * (row y0+1 - row y0) and D[x] = row y0+1 - row y0 (unless D is NULL),
    x over the key's band of columns xs ...; cells outside the table are zero. The bounds are
    checked per row and band, not per cell, so that the loops vectorize. */
@@ -239,44 +262,133 @@ static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_
     for (int x = x0; x < x1; x++) D[x] = (r1 ? r1[x] : (scalar_t)0) - (r0 ? r0[x] : (scalar_t)0);
 }
 
-/* s[c] += the bias of one key at one query row and head (table t), over n columns whose first
-   corners are table columns cell[c] (non-decreasing) with weights wx[c]; y0, w: the table row
-   and its weight. R: scratch of 2 * band (see rows) */
-static inline void NAME(add_row_bias)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, const int32_t *cell,
-                                      const scalar_t *wx, int n, scalar_t *s, scalar_t *R) {
-    int xs = cell[0], bx = cell[n - 1] - xs + 2;
-    scalar_t *Rd = R + bx;
-    NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, NULL);
-    for (int x = 0; x + 1 < bx; x++) Rd[x] = R[x + 1] - R[x];
+/* Rd[x] = R[x + 1] - R[x] for x < bx - 1, then zeros up to bx + 16 (vector loads read past the band) */
+static inline void NAME(row_steps)(const scalar_t *R, int bx, scalar_t *Rd) {
 #pragma omp simd
-    for (int c = 0; c < n; c++) s[c] += R[cell[c] - xs] + wx[c] * Rd[cell[c] - xs];
+    for (int x = 0; x < bx - 1; x++) Rd[x] = R[x + 1] - R[x];
+    for (int x = bx - 1 < 0 ? 0 : bx - 1; x < bx + 16; x++) Rd[x] = 0;
 }
 
-/* The columns whose first corner is band cell i (cell[c] - xs, non-decreasing in c) are
-   [seg[i], seg[i + 1]) for i < band; returns the most columns of one cell. Without branches,
-   which runs of a few columns per cell mispredict. */
-static inline int NAME(cell_segments)(const int32_t *cell, int n, int xs, int band, int *seg) {
+/* Scratch of add_row_bias and row_bias_grad for a band of bx cells and n columns */
+static inline int64_t NAME(row_scratch)(int bx, int n) { return 6 * (int64_t)bx + n + 96; }
+
+/* s[c] += the bias of one key at one query row and head (table t), over n columns whose first
+   corners are table columns cell[c] (non-decreasing) with weights wx[c]; y0, w: the table row
+   and its weight. R: row_scratch */
+static inline void NAME(add_row_bias)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, const int32_t *cell,
+                                      const scalar_t *wx, int n, scalar_t *s, scalar_t *R) {
+    int xs = cell[0], bx = cell[n - 1] - xs + 2, c = 0;
+    scalar_t *Rd = R + bx + 16;
+    NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, NULL);
+    NAME(row_steps)(R, bx, Rd);
+#if PERMUTE16
+    /* 16 columns at a time: their cells are lanes of R and Rd from the first one's */
+    for (; c < n; c += 16) {
+        int m = n - c < 16 ? n - c : 16, base = cell[c] - xs;
+        if (cell[c + m - 1] - cell[c] > 15) break;
+        __mmask16 k = (__mmask16)((1u << m) - 1);
+        __m512i idx = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, cell + c), _mm512_set1_epi32(cell[c]));
+        __m512 b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, wx + c), _mm512_permutexvar_ps(idx, _mm512_loadu_ps(Rd + base)),
+                                   _mm512_permutexvar_ps(idx, _mm512_loadu_ps(R + base)));
+        _mm512_mask_storeu_ps(s + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s + c), b));
+    }
+#endif
+#pragma omp simd
+    for (int i = c; i < n; i++) s[i] += R[cell[i] - xs] + wx[i] * Rd[cell[i] - xs];
+}
+
+/* What row_bias_grad needs of a row segment's n columns (cells cell[c] - xs in [0, band)) into
+   plan: generic: the columns of cell i are [plan[i], plan[i + 1]), and the most columns of one
+   cell is returned; PERMUTE16: per 16 columns from c, plan[c + l] = the last of them whose cell
+   is at most cell[c] + l, or plan[c] = -1 where they span more than 15 cells. plan: band + n + 16 */
+static inline int NAME(column_plan)(const int32_t *cell, int n, int xs, int band, int *plan) {
+#if PERMUTE16
+    (void)xs, (void)band;
+    for (int c = 0; c < n; c += 16) {
+        int m = n - c < 16 ? n - c : 16, *L = plan + c;
+        if (cell[c + m - 1] - cell[c] > 14) {
+            L[0] = -1;
+            continue;
+        }
+        for (int l = 0; l < 16; l++) L[l] = -1;
+        for (int i = 0; i < m; i++) L[cell[c + i] - cell[c]] = i;
+        for (int l = 1; l < 16; l++) L[l] = L[l] > L[l - 1] ? L[l] : L[l - 1];
+    }
+    return 0;
+#else
+    /* without branches, which runs of a few columns per cell mispredict */
+    int *seg = plan, longest = 0;
     for (int i = 0; i <= band; i++) seg[i] = n;
     for (int c = n - 1; c >= 0; c--) seg[cell[c] - xs] = c;
-    int longest = 0;
     for (int i = band - 1; i >= 0; i--) {
         seg[i] = seg[i] < seg[i + 1] ? seg[i] : seg[i + 1];
         longest = seg[i + 1] - seg[i] > longest ? seg[i + 1] - seg[i] : longest;
     }
     return longest;
+#endif
 }
 
-/* Gradients of add_row_bias (band cells xs .. xs + bx - 1; seg and longest from cell_segments)
+/* Gradients of add_row_bias (band cells xs .. xs + bx - 1; plan and longest from column_plan)
    given g, the logits' gradient at its n columns: into the head's table d and into *gy, *gx,
-   those w.r.t. the key's table coordinates (y, x). buf: 4 * bx + n */
-static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, int xs, int bx,
-                                       const int *seg, int longest, const scalar_t *g, const scalar_t *wx, int n,
-                                       scalar_t *d, scalar_t *gy, scalar_t *gx, scalar_t *buf) {
-    scalar_t *Eu = buf, *E1 = buf + bx, *R = buf + 2 * bx, *D = buf + 3 * bx, *gw = buf + 4 * bx;
+   those w.r.t. the key's table coordinates (y, x). bias[c] = R[i] + wx[c] (R[i + 1] - R[i]),
+   i = cell[c] - xs, so with Eu[i], E1[i] the sums of g and g * wx over cell i's columns, the
+   gradient w.r.t. R is dR[i] = Eu[i] - E1[i] + E1[i - 1]. buf: row_scratch */
+static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, const int32_t *cell,
+                                       int xs, int bx, const int *plan, int longest, const scalar_t *g,
+                                       const scalar_t *wx, int n, scalar_t *d, scalar_t *gy, scalar_t *gx,
+                                       scalar_t *buf) {
+    scalar_t *R = buf, *D = R + bx, *Rd = D + bx + 16;
+    /* dR: whole 64-byte vectors (PERMUTE16 adds into them) */
+    scalar_t *dR = (scalar_t *)(((uintptr_t)(Rd + bx + 16) + 63) & ~(uintptr_t)63);
+    NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, D);
+    NAME(row_steps)(R, bx, Rd);
+    for (int x = bx; x < bx + 16; x++) D[x] = 0;
+    int padded = (bx + 31) & ~15;
+    for (int i = 0; i < padded; i++) dR[i] = 0;
+    scalar_t sy = 0, sx = 0;
+#if PERMUTE16
+    (void)longest;
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 vy = _mm512_setzero_ps(), vx = _mm512_setzero_ps();
+    for (int c = 0; c < n; c += 16) {
+        int m = n - c < 16 ? n - c : 16, base = cell[c] - xs;
+        if (plan[c] < 0) {  /* cells too far apart for one vector: per column */
+            for (int i = c; i < c + m; i++) {
+                int x = cell[i] - xs;
+                scalar_t gu = g[i], g1 = g[i] * wx[i];
+                dR[x] += gu - g1;
+                dR[x + 1] += g1;
+                sy += (gu - g1) * D[x] + g1 * D[x + 1];
+                sx += gu * Rd[x];
+            }
+            continue;
+        }
+        __mmask16 k = (__mmask16)((1u << m) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(k, g + c), v1 = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, wx + c));
+        __m512i L = _mm512_loadu_si512(plan + c);
+        /* per cell base + l: the sums of g and g * wx (prefix sums at each cell's last column, differenced) */
+        __m512 qu = _mm512_permutexvar_ps(L, NAME(scan16)(v)), q1 = _mm512_permutexvar_ps(L, NAME(scan16)(v1));
+        __m512 eu = _mm512_sub_ps(qu, NAME(shift1)(qu)), e1 = _mm512_sub_ps(q1, NAME(shift1)(q1));
+        __m512 dr = _mm512_add_ps(_mm512_sub_ps(eu, e1), NAME(shift1)(e1));  /* e1's lane 15 is 0 */
+        vx = _mm512_fmadd_ps(eu, _mm512_loadu_ps(Rd + base), vx);
+        vy = _mm512_fmadd_ps(dr, _mm512_loadu_ps(D + base), vy);
+        /* dR[base + l] += dr[l], as two aligned vectors: rotated by base % 16, split by lane */
+        int off = base & 15;
+        scalar_t *lo = dR + (base - off);
+        __m512 rot = _mm512_permutexvar_ps(_mm512_sub_epi32(lanes, _mm512_set1_epi32(off)), dr);
+        __mmask16 upper = (__mmask16)(0xffffu << off);
+        _mm512_store_ps(lo, _mm512_mask_add_ps(_mm512_load_ps(lo), upper, _mm512_load_ps(lo), rot));
+        _mm512_store_ps(lo + 16, _mm512_mask_add_ps(_mm512_load_ps(lo + 16), (__mmask16)~upper,
+                                                    _mm512_load_ps(lo + 16), rot));
+    }
+    sy += _mm512_reduce_add_ps(vy);
+    sx += _mm512_reduce_add_ps(vx);
+#else
+    /* Eu and E1 per cell, a column offset at a time over all cells */
+    const int *seg = plan;
+    scalar_t *Eu = dR + padded, *E1 = Eu + bx, *gw = E1 + bx;
 #pragma omp simd
     for (int c = 0; c < n; c++) gw[c] = g[c] * wx[c];
-    /* bias[c] = (1 - wx) R[i] + wx R[i + 1], i = cell[c] - xs: per cell i the sums of g and
-       g * wx over its columns, a column offset at a time over all cells */
     for (int i = 0; i < bx; i++) Eu[i] = E1[i] = 0;
     for (int k = 0; k < longest; k++)
 #pragma omp simd
@@ -287,27 +399,24 @@ static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0
                 E1[i] += gw[c];
             }
         }
-    NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, D);
-    /* dR[i] = Eu[i] - E1[i] + E1[i - 1] (into E1), the gradient w.r.t. R; a band is a few
-       cells, too short for vector reductions */
-    scalar_t sy = 0, sx = 0;
-    for (int i = bx - 1; i > 0; i--) {
-        E1[i] = Eu[i] - E1[i] + E1[i - 1];
-        sy += E1[i] * D[i];
-        sx += Eu[i - 1] * (R[i] - R[i - 1]);
+#pragma omp simd reduction(+:sy, sx)
+    for (int i = 0; i < bx; i++) {
+        dR[i] = Eu[i] - E1[i] + (i ? E1[i - 1] : 0);
+        sy += dR[i] * D[i];
+        sx += Eu[i] * Rd[i];
     }
-    E1[0] = Eu[0] - E1[0];
-    *gy += sy + E1[0] * D[0];
+#endif
+    *gy += sy;
     *gx += sx;
     /* the table cells the band's two rows cover: x in [x0, x1) */
     int x0 = xs < 0 ? -xs : 0, x1 = Tw - xs < bx ? Tw - xs : bx;
     d += xs;
     if (y0 >= 0 && y0 < Th)
 #pragma omp simd
-        for (int x = x0; x < x1; x++) d[(int64_t)y0 * Tw + x] += E1[x] - E1[x] * w;
+        for (int x = x0; x < x1; x++) d[(int64_t)y0 * Tw + x] += dR[x] - dR[x] * w;
     if (y0 + 1 >= 0 && y0 + 1 < Th)
 #pragma omp simd
-        for (int x = x0; x < x1; x++) d[(int64_t)(y0 + 1) * Tw + x] += E1[x] * w;
+        for (int x = x0; x < x1; x++) d[(int64_t)(y0 + 1) * Tw + x] += dR[x] * w;
 }
 
 /* One tile's logits S (n, Mg, Ns, A, W) hold q.k (minus the log-sum-exp in the backward pass).
@@ -333,8 +442,8 @@ void NAME(bias_forward)(const scalar_t *table, const int32_t *lo_y, const scalar
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
             const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
             int bx = lx[W - 1] - lx[0] + 2;  /* lo_x is non-decreasing along W */
-            if (2 * (int64_t)bx > capacity) {
-                capacity = 2 * (int64_t)bx;
+            if (NAME(row_scratch)(bx, W) > capacity) {
+                capacity = NAME(row_scratch)(bx, W);
                 R = (scalar_t *)realloc(R, sizeof(scalar_t) * (size_t)capacity);
             }
             for (int a = 0; a < A; a++) {
@@ -386,7 +495,7 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
 #pragma omp parallel num_threads(nthreads)
     {
         scalar_t *buf = NULL;
-        int *seg = NULL;
+        int *plan = NULL;
         int64_t capacity = 0;
         scalar_t *dt = dtable + (int64_t)omp_get_thread_num() * M * Th * Tw;
 #pragma omp for schedule(static)
@@ -395,12 +504,12 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
             const int32_t *lx = lo_x + ((int64_t)bg * Ns + j) * W;
             const scalar_t *wx = fx + ((int64_t)bg * Ns + j) * W;
             int xs = lx[0], bx = lx[W - 1] - xs + 2;
-            if (bx + 1 > capacity) {
-                capacity = bx + 1;
-                buf = (scalar_t *)realloc(buf, sizeof(scalar_t) * (size_t)(4 * capacity + W));
-                seg = (int *)realloc(seg, sizeof(int) * (size_t)capacity);
+            if (bx > capacity) {
+                capacity = bx;
+                buf = (scalar_t *)realloc(buf, sizeof(scalar_t) * (size_t)NAME(row_scratch)(bx, W));
+                plan = (int *)realloc(plan, sizeof(int) * (size_t)(bx + W + 16));
             }
-            int longest = NAME(cell_segments)(lx, W, xs, bx, seg);
+            int longest = NAME(column_plan)(lx, W, xs, bx, plan);
             scalar_t gy = 0, gx = 0;
             for (int a = 0; a < A; a++) {
                 int64_t yi = ((int64_t)bg * Ns + j) * H + a0 + a;
@@ -413,7 +522,7 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
                     const scalar_t *p = P + row;
 #pragma omp simd
                     for (int b = 0; b < W; b++) g[b] *= p[b];  /* dP - D -> dS, in place */
-                    NAME(row_bias_grad)(table + head * Th * Tw, Th, Tw, y0, w, xs, bx, seg, longest, g, wx, W,
+                    NAME(row_bias_grad)(table + head * Th * Tw, Th, Tw, y0, w, lx, xs, bx, plan, longest, g, wx, W,
                                         dt + head * Th * Tw, &gy, &gx, buf);
                 }
             }
@@ -421,7 +530,7 @@ void NAME(bias_backward)(const scalar_t *table, const int32_t *lo_y, const scala
             dcoord[((int64_t)bg * Ns + j) * 2 + 1] += gx;
         }
         free(buf);
-        free(seg);
+        free(plan);
     }
 }
 
@@ -453,82 +562,104 @@ static inline int NAME(table_coord)(scalar_t qc, scalar_t pc, int size, scalar_t
     return (int)lo;
 }
 
-/* Key j (of group bg) against the queries of row a, columns [b0, b1): per column the table
-   column of the first corner, cell, and its weight wx; returns the table row lo_y and weight fy,
-   and the band: cells xs .. xs + band - 1 of those rows */
-typedef struct { int lo_y, xs, band; scalar_t fy; } NAME(key_row);
+/* A key at column position px against query columns [b0, b1): per column the table column of
+   the first corner, cell (non-decreasing), and its weight wx */
+static inline void NAME(key_columns)(const NAME(geometry) *geo, scalar_t px, int b0, int b1, int32_t *cell,
+                                     scalar_t *wx) {
+    for (int b = b0; b < b1; b++) cell[b - b0] = NAME(table_coord)(geo->qx[b], px, geo->Tw, wx + b - b0);
+}
 
-static inline NAME(key_row) NAME(key_columns)(const NAME(geometry) *geo, int bg, int j, int a, int b0, int b1,
-                                             int32_t *cell, scalar_t *wx) {
-    const scalar_t *p = geo->pos + ((int64_t)bg * geo->Ns + j) * 2;
-    NAME(key_row) kr;
-    kr.lo_y = NAME(table_coord)(geo->qy[a], p[0], geo->Th, &kr.fy);
-    for (int b = b0; b < b1; b++) cell[b - b0] = NAME(table_coord)(geo->qx[b], p[1], geo->Tw, wx + b - b0);
-    kr.xs = cell[0];
-    kr.band = cell[b1 - b0 - 1] - kr.xs + 2;  /* non-decreasing along the row */
-    return kr;
+/* The columns of queries [p0, p0 + n) that need coordinates: [*lo, *hi), all W unless the
+   queries lie in one row. The tile's row segments share them. */
+static inline void NAME(tile_columns)(int W, int p0, int n, int *lo, int *hi) {
+    int one_row = p0 / W == (p0 + n - 1) / W;
+    *lo = one_row ? p0 % W : 0;
+    *hi = one_row ? *lo + n : W;
+}
+
+/* Per-thread scratch of the bias (logits and bias_grad): the band is at most 5 * Tw + 8 */
+static int64_t NAME(bias_scratch)(int W, int Tw) {
+    int band = 5 * Tw + 8;
+    return 2 * (int64_t)W + (band + W + 16) + NAME(row_scratch)(band, W);
 }
 
 /* S (Mg, Ns, n) = k^T q (+ bias when there is a table) for the Mg heads of group bg (heads
-   bg * Mg ...), queries [p0, p0 + n). scratch: 2 * (n + band) */
+   bg * Mg ...), queries [p0, p0 + n). scratch: bias_scratch */
 static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const scalar_t *q, const scalar_t *k,
                          int bg, int d, int p0, int n, scalar_t *S, scalar_t *scratch) {
-    int Ns = geo->Ns, HW = geo->H * geo->W, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
+    int Ns = geo->Ns, W = geo->W, HW = geo->H * W, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
     for (int m = 0; m < Mg; m++) {
         int64_t bm = (int64_t)bg * Mg + m;
         NAME(mm)(gemm, 1, 0, Ns, n, d, k + bm * d * Ns, Ns, q + bm * d * HW + p0, HW, 0, S + m * (int64_t)Ns * n, n);
     }
     if (!geo->table) return;
+    int lo, hi;
+    NAME(tile_columns)(W, p0, n, &lo, &hi);
     int32_t *cell = (int32_t *)scratch;
-    scalar_t *wx = scratch + n, *R = wx + n;
-    /* the tile as row segments: row a, columns [b0, b1) at tile column c0 */
-    for (int c0 = 0; c0 < n;) {
-        int a = (p0 + c0) / geo->W, b0 = (p0 + c0) % geo->W;
-        int b1 = b0 + (n - c0 < geo->W - b0 ? n - c0 : geo->W - b0);
-        for (int j = 0; j < Ns; j++) {
-            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b1, cell, wx);
+    scalar_t *wx = scratch + W, *R = wx + W;
+    for (int j = 0; j < Ns; j++) {
+        const scalar_t *p = geo->pos + ((int64_t)bg * Ns + j) * 2;
+        NAME(key_columns)(geo, p[1], lo, hi, cell, wx);
+        /* the tile as row segments: row a, columns [b0, b1) at tile column c0 */
+        for (int c0 = 0; c0 < n;) {
+            int a = (p0 + c0) / W, b0 = (p0 + c0) % W, b1 = b0 + (n - c0 < W - b0 ? n - c0 : W - b0);
+            scalar_t fy;
+            int y0 = NAME(table_coord)(geo->qy[a], p[0], Th, &fy);
             for (int m = 0; m < Mg; m++) {
                 const scalar_t *t = geo->table + (int64_t)((bg % geo->G) * Mg + m) * Th * Tw;
-                NAME(add_row_bias)(t, Th, Tw, kr.lo_y, kr.fy, cell, wx, b1 - b0, S + ((int64_t)m * Ns + j) * n + c0, R);
+                NAME(add_row_bias)(t, Th, Tw, y0, fy, cell + b0 - lo, wx + b0 - lo, b1 - b0,
+                                   S + ((int64_t)m * Ns + j) * n + c0, R);
             }
+            c0 += b1 - b0;
         }
-        c0 += b1 - b0;
     }
 }
 
 /* Gradients of the bias given dS (Mg, Ns, n) for the tile's queries [p0, p0 + n): into the table
    (dt: this thread's copy) and the keys' table coordinates (dc: this thread's (BG, Ns, 2)).
-   scratch: 3 * n + 5 * band + 1 */
+   scratch: bias_scratch */
 static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, const scalar_t *dS, scalar_t *dt,
                             scalar_t *dc, scalar_t *scratch) {
-    int Ns = geo->Ns, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
+    int Ns = geo->Ns, W = geo->W, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw, lo, hi;
+    NAME(tile_columns)(W, p0, n, &lo, &hi);
     int32_t *cell = (int32_t *)scratch;
-    scalar_t *wx = scratch + n, *buf = wx + n;
-    for (int c0 = 0; c0 < n;) {
-        int a = (p0 + c0) / geo->W, b0 = (p0 + c0) % geo->W;
-        int nb = (n - c0 < geo->W - b0 ? n - c0 : geo->W - b0);
-        for (int j = 0; j < Ns; j++) {
-            NAME(key_row) kr = NAME(key_columns)(geo, bg, j, a, b0, b0 + nb, cell, wx);
-            int *seg = (int *)(buf + 4 * kr.band + nb);
-            int longest = NAME(cell_segments)(cell, nb, kr.xs, kr.band, seg);
-            scalar_t *gyx = dc + ((int64_t)bg * Ns + j) * 2;
+    scalar_t *wx = scratch + W;
+    int *plan = (int *)(wx + W);
+    scalar_t *buf = wx + W + (5 * Tw + 8) + W + 16;
+    for (int j = 0; j < Ns; j++) {
+        const scalar_t *p = geo->pos + ((int64_t)bg * Ns + j) * 2;
+        scalar_t *gyx = dc + ((int64_t)bg * Ns + j) * 2;
+        NAME(key_columns)(geo, p[1], lo, hi, cell, wx);
+        int planned_b0 = -1, planned_b1 = -1, longest = 0;
+        for (int c0 = 0; c0 < n;) {
+            int a = (p0 + c0) / W, b0 = (p0 + c0) % W, b1 = b0 + (n - c0 < W - b0 ? n - c0 : W - b0);
+            const int32_t *cs = cell + b0 - lo;
+            int xs = cs[0], band = cs[b1 - b0 - 1] - xs + 2;
+            if (b0 != planned_b0 || b1 != planned_b1) {  /* whole rows share one plan */
+                longest = NAME(column_plan)(cs, b1 - b0, xs, band, plan);
+                planned_b0 = b0, planned_b1 = b1;
+            }
+            scalar_t fy;
+            int y0 = NAME(table_coord)(geo->qy[a], p[0], Th, &fy);
             for (int m = 0; m < Mg; m++) {
                 int64_t head = (int64_t)((bg % geo->G) * Mg + m);
-                NAME(row_bias_grad)(geo->table + head * Th * Tw, Th, Tw, kr.lo_y, kr.fy, kr.xs, kr.band, seg, longest,
-                                    dS + ((int64_t)m * Ns + j) * n + c0, wx, nb, dt + head * Th * Tw, gyx, gyx + 1,
-                                    buf);
+                NAME(row_bias_grad)(geo->table + head * Th * Tw, Th, Tw, y0, fy, cs, xs, band, plan, longest,
+                                    dS + ((int64_t)m * Ns + j) * n + c0, wx + b0 - lo, b1 - b0, dt + head * Th * Tw,
+                                    gyx, gyx + 1, buf);
             }
+            c0 += b1 - b0;
         }
-        c0 += nb;
     }
 }
 
-/* Per-thread scratch of the bias: see logits and bias_grad (the band is at most 5 * Tw + 8) */
-static int64_t NAME(bias_scratch)(int T, int Tw) { return 3 * (int64_t)T + 6 * (5 * (int64_t)Tw + 8) + 1; }
+/* Per-thread workspace of attention_backward before its gradient sums (attention_forward's is smaller) */
+int64_t NAME(attention_tile_size)(int Mg, int Ns, int T, int W, int Tw) {
+    return (int64_t)Mg * 2 * Ns * T + T + NAME(bias_scratch)(W, Tw);
+}
 
 /* out (BM, d, HW) = attention output, lse (BM, HW) its log-sum-exp. q (BM, d, HW); k, v (BM, d, Ns);
    pos, table, qy, qx as deformable_attention's (table may be NULL: no bias).
-   work: nthreads * (Mg * (Ns + 2) * T + bias_scratch) */
+   work: nthreads * (Mg * Ns * T + 2 * T + bias_scratch) */
 void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_t *q, const scalar_t *k,
                              const scalar_t *v, const scalar_t *table, const scalar_t *pos, const scalar_t *qy,
                              const scalar_t *qx, scalar_t *out, scalar_t *lse, scalar_t *work,
@@ -537,7 +668,7 @@ void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_
     NAME(blas_gemm) gemm = (NAME(blas_gemm))gemm_fn;
     NAME(geometry) geo = {table, pos, qy, qx, G, Mg, Ns, H, W, Th, Tw};
     int HW = H * W, tiles = (HW + T - 1) / T, BG = BM / Mg;
-    int64_t per_thread = (int64_t)Mg * (Ns + 2) * T + NAME(bias_scratch)(T, Tw);
+    int64_t per_thread = (int64_t)Mg * Ns * T + 2 * T + NAME(bias_scratch)(W, Tw);
 #pragma omp parallel num_threads(nthreads)
     {
         int previous = blas_threads_fn ? ((int (*)(int))blas_threads_fn)(1) : 0;
@@ -584,7 +715,7 @@ void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_
 /* Gradients of attention_forward given dout (BM, d, HW), or (HW, BM, d) when dout_cl (a batch of one's
    channels-last gradient), out and lse: dq (BM, d, HW); dk, dv (BM, d, Ns);
    dtable (M, Th, Tw) and dcoord (BG, Ns, 2) (w.r.t. the keys' table coordinates) when table is given.
-   work: nthreads * (Mg * (2 * Ns + 1) * T + bias_scratch + 2 * BM * d * Ns + M * Th * Tw + 2 * BG * Ns) */
+   work: nthreads * (attention_tile_size + 2 * BM * d * Ns + M * Th * Tw + 2 * BG * Ns) */
 void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar_t *q, const scalar_t *k,
                               const scalar_t *v, const scalar_t *table, const scalar_t *pos, const scalar_t *qy,
                               const scalar_t *qx, const scalar_t *out, const scalar_t *lse, const scalar_t *dout,
@@ -597,7 +728,7 @@ void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar
     int64_t kv_size = (int64_t)BM * d * Ns, table_size = table ? (int64_t)G * Mg * Th * Tw : 0;
     int64_t coord_size = table ? 2 * (int64_t)BG * Ns : 0;
     int64_t acc_size = 2 * kv_size + table_size + coord_size;
-    int64_t tile_size = (int64_t)Mg * (2 * Ns + 1) * T + NAME(bias_scratch)(T, Tw);
+    int64_t tile_size = NAME(attention_tile_size)(Mg, Ns, T, W, Tw);
     int64_t per_thread = tile_size + acc_size;
     int team = 1;
 #pragma omp parallel num_threads(nthreads)
@@ -670,7 +801,7 @@ def native_library() -> Optional[ctypes.CDLL]:
     return native.load('deformable_attention_bias', _C_KERNELS,
                        {'bias_forward': (7, 13), 'bias_backward': (9, 12),
                         'exp_shift': (2, 4), 'attention_forward': (12, 11),
-                        'attention_backward': (18, 12)}, wide_vectors=True)
+                        'attention_backward': (18, 12), 'attention_tile_size': (0, 5, ctypes.c_int64)}, wide_vectors=True)
 
 
 def _native_coords(pos, table, qy, qx):
@@ -751,8 +882,9 @@ class _FusedAttention:
     of consecutive queries) items; per item and head, the logits (keys x tile) by one GEMM, the
     bias, the softmax (backward: its gradient) in place, and the products with ``v`` (``dO``,
     ``dS``) by GEMMs, all while the tile is in a core's cache. The table coordinates are
-    computed per key and row segment, shared by the group's heads, rather than read from
+    computed per key and tile, shared by its rows and the group's heads, rather than read from
     per-call ``(BG, Ns, W)`` tensors, which per tile would be as many bytes as its logits.
+    With AVX-512, the bias's column loops take 16 columns at a time (see ``PERMUTE16``).
     One parallel region per pass."""
 
     def __init__(self, lib, blas: native.Blas, q, pos, table, qy, qx, groups: int, tile_elements: Optional[int]):
@@ -777,7 +909,7 @@ class _FusedAttention:
         Th, Tw = (0, 0) if table is None else table.shape[-2:]
         # per thread: the backward pass's tile buffers and bias scratch (see the C kernels'
         # ``work``; the forward pass needs less), then its gradient sums of k, v, table, positions
-        self.tile_size = self.Mg * (2 * Ns + 1) * self.T + 3 * self.T + 6 * (5 * Tw + 8) + 1
+        self.tile_size = native.function(lib, 'attention_tile_size', q.dtype)(self.Mg, Ns, self.T, W, Tw)
         sums = 2 * q.shape[0] * q.shape[1] * Ns + (0 if table is None else table.numel() + 2 * self.BG * Ns)
         self.per_thread = self.tile_size + sums
         items = self.BG * -(-H * W // self.T)

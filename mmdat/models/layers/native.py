@@ -4,6 +4,7 @@ Each kernel source is written once over ``scalar_t`` and compiled for ``float`` 
 ``_f32``) and ``double`` (``_f64``); ``EXP``, ``LOG`` and ``ERF`` are the matching exponential
 (``exp_f32`` below for float), libm logarithm and error function (``erf_f32`` for float);
 ``ERF_GIVEN_EXP(x, e)`` is ``erf(x)`` given ``e = exp(-x * x)`` (float reuses ``e``);
+``FLOAT32`` is 1 for the float build (for code written with float vector intrinsics);
 ``NAME(gemm)`` is a small register-blocked matrix product (see ``_GEMM``). A
 library is built once per source, compiler and CPU with the system's C compiler (OpenMP when
 available, about a second) into ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``).
@@ -210,9 +211,10 @@ def blas() -> Optional[Blas]:
 def _source(kernels: str) -> str:
     parts = [_HEADER]
     for scalar, suffix, exp, log, erf, erf_given_exp in _TYPES:
-        parts += [f'#define scalar_t {scalar}\n#define SUFFIX {suffix}\n#define EXP {exp}\n#define LOG {log}\n'
-                  f'#define ERF {erf}\n#define ERF_GIVEN_EXP {erf_given_exp}\n', _GEMM, kernels,
-                  '#undef scalar_t\n#undef SUFFIX\n#undef EXP\n#undef LOG\n#undef ERF\n#undef ERF_GIVEN_EXP\n']
+        parts += [f'#define scalar_t {scalar}\n#define FLOAT32 {int(scalar == "float")}\n#define SUFFIX {suffix}\n'
+                  f'#define EXP {exp}\n#define LOG {log}\n#define ERF {erf}\n#define ERF_GIVEN_EXP {erf_given_exp}\n',
+                  _GEMM, kernels, '#undef scalar_t\n#undef FLOAT32\n#undef SUFFIX\n#undef EXP\n#undef LOG\n#undef ERF\n'
+                  '#undef ERF_GIVEN_EXP\n']
     return '\n'.join(parts)
 
 
@@ -231,8 +233,9 @@ def load(name: str, kernels: str, signatures: Dict[str, Tuple[int, int]],
     Args:
         name: Stem of the library's file name.
         kernels: C source over ``scalar_t`` (see the module docstring).
-        signatures: ``function -> (pointer arguments, int arguments)``, pointers first; each
-            function exists with the suffixes ``_f32`` and ``_f64``.
+        signatures: ``function -> (pointer arguments, int arguments[, ctypes result type])``,
+            pointers first, no result by default; each function exists with the suffixes
+            ``_f32`` and ``_f64``.
         wide_vectors: Ask for 512-bit vectors where the CPU has them (a gain measured per
             library: it is for the compute-bound ones, not for those bound by gathers).
     """
@@ -243,11 +246,11 @@ def load(name: str, kernels: str, signatures: Dict[str, Tuple[int, int]],
     except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
         warnings.warn(f'mmdat: native {name} kernels unavailable ({e}); using the PyTorch implementation')
         return None
-    for kernel, (n_pointers, n_ints) in signatures.items():
+    for kernel, (n_pointers, n_ints, *restype) in signatures.items():
         for _, suffix, *_ in _TYPES:
             f = getattr(lib, f'{kernel}_{suffix}')
             f.argtypes = [ctypes.c_void_p] * n_pointers + [ctypes.c_int] * n_ints
-            f.restype = None
+            f.restype = restype[0] if restype else None
     return lib
 
 
