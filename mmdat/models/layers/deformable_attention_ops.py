@@ -262,11 +262,13 @@ static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_
     for (int x = x0; x < x1; x++) D[x] = (r1 ? r1[x] : (scalar_t)0) - (r0 ? r0[x] : (scalar_t)0);
 }
 
-/* Rd[x] = R[x + 1] - R[x] for x < bx - 1, then zeros up to bx + 16 (vector loads read past the band) */
-static inline void NAME(row_steps)(const scalar_t *R, int bx, scalar_t *Rd) {
-#pragma omp simd
-    for (int x = 0; x < bx - 1; x++) Rd[x] = R[x + 1] - R[x];
-    for (int x = bx - 1 < 0 ? 0 : bx - 1; x < bx + 16; x++) Rd[x] = 0;
+/* zeros at x[0 .. 16): vector loads read past the band */
+static inline void NAME(pad16)(scalar_t *x) {
+#if PERMUTE16
+    _mm512_storeu_ps(x, _mm512_setzero_ps());
+#else
+    for (int i = 0; i < 16; i++) x[i] = 0;
+#endif
 }
 
 /* Scratch of add_row_bias and row_bias_grad for a band of bx cells and n columns */
@@ -278,23 +280,23 @@ static inline int64_t NAME(row_scratch)(int bx, int n) { return 6 * (int64_t)bx 
 static inline void NAME(add_row_bias)(const scalar_t *t, int Th, int Tw, int y0, scalar_t w, const int32_t *cell,
                                       const scalar_t *wx, int n, scalar_t *s, scalar_t *R) {
     int xs = cell[0], bx = cell[n - 1] - xs + 2, c = 0;
-    scalar_t *Rd = R + bx + 16;
     NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, NULL);
-    NAME(row_steps)(R, bx, Rd);
+    NAME(pad16)(R + bx);
 #if PERMUTE16
-    /* 16 columns at a time: their cells are lanes of R and Rd from the first one's */
+    /* 16 columns at a time: their cells' corners are lanes of R from the first one's */
     for (; c < n; c += 16) {
         int m = n - c < 16 ? n - c : 16, base = cell[c] - xs;
         if (cell[c + m - 1] - cell[c] > 15) break;
         __mmask16 k = (__mmask16)((1u << m) - 1);
         __m512i idx = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, cell + c), _mm512_set1_epi32(cell[c]));
-        __m512 b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, wx + c), _mm512_permutexvar_ps(idx, _mm512_loadu_ps(Rd + base)),
-                                   _mm512_permutexvar_ps(idx, _mm512_loadu_ps(R + base)));
+        __m512 r0 = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(R + base));
+        __m512 r1 = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(R + base + 1));
+        __m512 b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, wx + c), _mm512_sub_ps(r1, r0), r0);
         _mm512_mask_storeu_ps(s + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s + c), b));
     }
 #endif
 #pragma omp simd
-    for (int i = c; i < n; i++) s[i] += R[cell[i] - xs] + wx[i] * Rd[cell[i] - xs];
+    for (int i = c; i < n; i++) s[i] += R[cell[i] - xs] + wx[i] * (R[cell[i] - xs + 1] - R[cell[i] - xs]);
 }
 
 /* What row_bias_grad needs of a row segment's n columns (cells cell[c] - xs in [0, band)) into
@@ -337,14 +339,14 @@ static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0
                                        int xs, int bx, const int *plan, int longest, const scalar_t *g,
                                        const scalar_t *wx, int n, scalar_t *d, scalar_t *gy, scalar_t *gx,
                                        scalar_t *buf) {
-    scalar_t *R = buf, *D = R + bx, *Rd = D + bx + 16;
+    scalar_t *R = buf, *D = R + bx + 16;
     /* dR: whole 64-byte vectors (PERMUTE16 adds into them) */
-    scalar_t *dR = (scalar_t *)(((uintptr_t)(Rd + bx + 16) + 63) & ~(uintptr_t)63);
+    scalar_t *dR = (scalar_t *)(((uintptr_t)(D + bx + 16) + 63) & ~(uintptr_t)63);
     NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, D);
-    NAME(row_steps)(R, bx, Rd);
-    for (int x = bx; x < bx + 16; x++) D[x] = 0;
+    NAME(pad16)(R + bx);
+    NAME(pad16)(D + bx);
     int padded = (bx + 31) & ~15;
-    for (int i = 0; i < padded; i++) dR[i] = 0;
+    for (int i = 0; i < padded; i += 16) NAME(pad16)(dR + i);
     scalar_t sy = 0, sx = 0;
 #if PERMUTE16
     (void)longest;
@@ -359,7 +361,7 @@ static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0
                 dR[x] += gu - g1;
                 dR[x + 1] += g1;
                 sy += (gu - g1) * D[x] + g1 * D[x + 1];
-                sx += gu * Rd[x];
+                sx += gu * (R[x + 1] - R[x]);
             }
             continue;
         }
@@ -370,7 +372,7 @@ static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0
         __m512 qu = _mm512_permutexvar_ps(L, NAME(scan16)(v)), q1 = _mm512_permutexvar_ps(L, NAME(scan16)(v1));
         __m512 eu = _mm512_sub_ps(qu, NAME(shift1)(qu)), e1 = _mm512_sub_ps(q1, NAME(shift1)(q1));
         __m512 dr = _mm512_add_ps(_mm512_sub_ps(eu, e1), NAME(shift1)(e1));  /* e1's lane 15 is 0 */
-        vx = _mm512_fmadd_ps(eu, _mm512_loadu_ps(Rd + base), vx);
+        vx = _mm512_fmadd_ps(eu, _mm512_sub_ps(_mm512_loadu_ps(R + base + 1), _mm512_loadu_ps(R + base)), vx);
         vy = _mm512_fmadd_ps(dr, _mm512_loadu_ps(D + base), vy);
         /* dR[base + l] += dr[l], as two aligned vectors: rotated by base % 16, split by lane */
         int off = base & 15;
@@ -403,7 +405,7 @@ static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0
     for (int i = 0; i < bx; i++) {
         dR[i] = Eu[i] - E1[i] + (i ? E1[i - 1] : 0);
         sy += dR[i] * D[i];
-        sx += Eu[i] * Rd[i];
+        sx += Eu[i] * (R[i + 1] - R[i]);
     }
 #endif
     *gy += sy;
