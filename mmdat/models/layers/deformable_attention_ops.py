@@ -579,22 +579,52 @@ static inline void NAME(tile_columns)(int W, int p0, int n, int *lo, int *hi) {
     *hi = one_row ? *lo + n : W;
 }
 
+/* g = p (g - delta): dP into the logits' gradient, over n queries of one key */
+static inline void NAME(logit_grad)(scalar_t *g, const scalar_t *p, const scalar_t *delta, int n) {
+#pragma omp simd
+    for (int c = 0; c < n; c++) g[c] = p[c] * (g[c] - delta[c]);
+}
+
 /* Per-thread scratch of the bias (logits and bias_grad): the band is at most 5 * Tw + 8 */
 static int64_t NAME(bias_scratch)(int W, int Tw) {
     int band = 5 * Tw + 8;
     return 2 * (int64_t)W + (band + W + 16) + NAME(row_scratch)(band, W);
 }
 
+/* Once a key's logits s[0 .. n) are complete (n queries, in a core's L1): the forward pass's
+   maximum over the keys so far, mx (when given), or the backward pass's probabilities
+   s = EXP(s - lse) */
+static inline void NAME(logit_row)(scalar_t *s, int n, scalar_t *mx, const scalar_t *lse) {
+    if (mx) {
+#pragma omp simd
+        for (int c = 0; c < n; c++) mx[c] = s[c] > mx[c] ? s[c] : mx[c];
+    } else {
+#pragma omp simd
+        for (int c = 0; c < n; c++) s[c] = EXP(s[c] - lse[c]);
+    }
+}
+
 /* S (Mg, Ns, n) = k^T q (+ bias when there is a table) for the Mg heads of group bg (heads
-   bg * Mg ...), queries [p0, p0 + n). scratch: bias_scratch */
+   bg * Mg ...), queries [p0, p0 + n), and then either mx (Mg, n) = its maximum over the keys
+   (forward pass: mx given) or S = EXP(S - lse) (backward: lse, head m's at lse + m * HW).
+   scratch: bias_scratch */
 static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const scalar_t *q, const scalar_t *k,
-                         int bg, int d, int p0, int n, scalar_t *S, scalar_t *scratch) {
+                         int bg, int d, int p0, int n, scalar_t *S, scalar_t *mx, const scalar_t *lse,
+                         scalar_t *scratch) {
     int Ns = geo->Ns, W = geo->W, HW = geo->H * W, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw;
     for (int m = 0; m < Mg; m++) {
         int64_t bm = (int64_t)bg * Mg + m;
         NAME(mm)(gemm, 1, 0, Ns, n, d, k + bm * d * Ns, Ns, q + bm * d * HW + p0, HW, 0, S + m * (int64_t)Ns * n, n);
     }
-    if (!geo->table) return;
+    if (mx)
+        for (int64_t i = 0; i < (int64_t)Mg * n; i++) mx[i] = -INFINITY;
+    if (!geo->table) {
+        for (int m = 0; m < Mg; m++)
+            for (int j = 0; j < Ns; j++)
+                NAME(logit_row)(S + ((int64_t)m * Ns + j) * n, n, mx ? mx + (int64_t)m * n : NULL,
+                                mx ? NULL : lse + (int64_t)m * HW);
+        return;
+    }
     int lo, hi;
     NAME(tile_columns)(W, p0, n, &lo, &hi);
     int32_t *cell = (int32_t *)scratch;
@@ -609,19 +639,21 @@ static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const 
             int y0 = NAME(table_coord)(geo->qy[a], p[0], Th, &fy);
             for (int m = 0; m < Mg; m++) {
                 const scalar_t *t = geo->table + (int64_t)((bg % geo->G) * Mg + m) * Th * Tw;
-                NAME(add_row_bias)(t, Th, Tw, y0, fy, cell + b0 - lo, wx + b0 - lo, b1 - b0,
-                                   S + ((int64_t)m * Ns + j) * n + c0, R);
+                scalar_t *s = S + ((int64_t)m * Ns + j) * n + c0;
+                NAME(add_row_bias)(t, Th, Tw, y0, fy, cell + b0 - lo, wx + b0 - lo, b1 - b0, s, R);
+                NAME(logit_row)(s, b1 - b0, mx ? mx + (int64_t)m * n + c0 : NULL, mx ? NULL : lse + (int64_t)m * HW + c0);
             }
             c0 += b1 - b0;
         }
     }
 }
 
-/* Gradients of the bias given dS (Mg, Ns, n) for the tile's queries [p0, p0 + n): into the table
-   (dt: this thread's copy) and the keys' table coordinates (dc: this thread's (BG, Ns, 2)).
+/* dS (Mg, Ns, n) holds dP for the tile's queries [p0, p0 + n) on entry and the logits' gradient
+   P (dP - delta) on exit (delta (Mg, n) = rowsum(dO * O)); from it the bias gradients: into the
+   table (dt: this thread's copy) and the keys' table coordinates (dc: this thread's (BG, Ns, 2)).
    scratch: bias_scratch */
-static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, const scalar_t *dS, scalar_t *dt,
-                            scalar_t *dc, scalar_t *scratch) {
+static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, scalar_t *dS, const scalar_t *P,
+                            const scalar_t *delta, scalar_t *dt, scalar_t *dc, scalar_t *scratch) {
     int Ns = geo->Ns, W = geo->W, Mg = geo->Mg, Th = geo->Th, Tw = geo->Tw, lo, hi;
     NAME(tile_columns)(W, p0, n, &lo, &hi);
     int32_t *cell = (int32_t *)scratch;
@@ -644,10 +676,10 @@ static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, co
             scalar_t fy;
             int y0 = NAME(table_coord)(geo->qy[a], p[0], Th, &fy);
             for (int m = 0; m < Mg; m++) {
-                int64_t head = (int64_t)((bg % geo->G) * Mg + m);
+                int64_t head = (int64_t)((bg % geo->G) * Mg + m), row = ((int64_t)m * Ns + j) * n + c0;
+                NAME(logit_grad)(dS + row, P + row, delta + (int64_t)m * n + c0, b1 - b0);
                 NAME(row_bias_grad)(geo->table + head * Th * Tw, Th, Tw, y0, fy, cs, xs, band, plan, longest,
-                                    dS + ((int64_t)m * Ns + j) * n + c0, wx + b0 - lo, b1 - b0, dt + head * Th * Tw,
-                                    gyx, gyx + 1, buf);
+                                    dS + row, wx + b0 - lo, b1 - b0, dt + head * Th * Tw, gyx, gyx + 1, buf);
             }
             c0 += b1 - b0;
         }
@@ -656,12 +688,12 @@ static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, co
 
 /* Per-thread workspace of attention_backward before its gradient sums (attention_forward's is smaller) */
 int64_t NAME(attention_tile_size)(int Mg, int Ns, int T, int W, int Tw) {
-    return (int64_t)Mg * 2 * Ns * T + T + NAME(bias_scratch)(W, Tw);
+    return (int64_t)Mg * (2 * Ns + 1) * T + NAME(bias_scratch)(W, Tw);
 }
 
 /* out (BM, d, HW) = attention output, lse (BM, HW) its log-sum-exp. q (BM, d, HW); k, v (BM, d, Ns);
    pos, table, qy, qx as deformable_attention's (table may be NULL: no bias).
-   work: nthreads * (Mg * Ns * T + 2 * T + bias_scratch) */
+   work: nthreads * (Mg * (Ns + 1) * T + T + bias_scratch) */
 void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_t *q, const scalar_t *k,
                              const scalar_t *v, const scalar_t *table, const scalar_t *pos, const scalar_t *qy,
                              const scalar_t *qx, scalar_t *out, scalar_t *lse, scalar_t *work,
@@ -670,25 +702,20 @@ void NAME(attention_forward)(void *gemm_fn, void *blas_threads_fn, const scalar_
     NAME(blas_gemm) gemm = (NAME(blas_gemm))gemm_fn;
     NAME(geometry) geo = {table, pos, qy, qx, G, Mg, Ns, H, W, Th, Tw};
     int HW = H * W, tiles = (HW + T - 1) / T, BG = BM / Mg;
-    int64_t per_thread = (int64_t)Mg * Ns * T + 2 * T + NAME(bias_scratch)(W, Tw);
+    int64_t per_thread = (int64_t)Mg * (Ns + 1) * T + T + NAME(bias_scratch)(W, Tw);
 #pragma omp parallel num_threads(nthreads)
     {
         int previous = blas_threads_fn ? ((int (*)(int))blas_threads_fn)(1) : 0;
         scalar_t *S = work + (int64_t)omp_get_thread_num() * per_thread;
-        scalar_t *mx = S + (int64_t)Mg * Ns * T, *l = mx + T, *scratch = l + T;
+        scalar_t *mx_all = S + (int64_t)Mg * Ns * T, *l = mx_all + (int64_t)Mg * T, *scratch = l + T;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < (int64_t)BG * tiles; item++) {
             int bg = (int)(item / tiles), p0 = (int)(item % tiles) * T, n = HW - p0 < T ? HW - p0 : T;
-            NAME(logits)(gemm, &geo, q, k, bg, d, p0, n, S, scratch);
+            NAME(logits)(gemm, &geo, q, k, bg, d, p0, n, S, mx_all, NULL, scratch);
             for (int m = 0; m < Mg; m++) {
                 int64_t bm = (int64_t)bg * Mg + m;
-                scalar_t *Sm = S + (int64_t)m * Ns * n;
-                for (int c = 0; c < n; c++) { mx[c] = -INFINITY; l[c] = 0; }
-                for (int j = 0; j < Ns; j++) {
-                    const scalar_t *s = Sm + (int64_t)j * n;
-#pragma omp simd
-                    for (int c = 0; c < n; c++) mx[c] = s[c] > mx[c] ? s[c] : mx[c];
-                }
+                scalar_t *Sm = S + (int64_t)m * Ns * n, *mx = mx_all + (int64_t)m * n;
+                for (int c = 0; c < n; c++) l[c] = 0;
                 for (int j = 0; j < Ns; j++) {
                     scalar_t *s = Sm + (int64_t)j * n;
 #pragma omp simd
@@ -739,48 +766,44 @@ void NAME(attention_backward)(void *gemm_fn, void *blas_threads_fn, const scalar
 #pragma omp single
         team = omp_get_num_threads();
         scalar_t *P = work + (int64_t)omp_get_thread_num() * per_thread;
-        scalar_t *dS = P + (int64_t)Mg * Ns * T, *delta = dS + (int64_t)Mg * Ns * T, *scratch = delta + T;
+        scalar_t *dS = P + (int64_t)Mg * Ns * T, *delta = dS + (int64_t)Mg * Ns * T, *scratch = delta + (int64_t)Mg * T;
         scalar_t *acc = P + tile_size;
         scalar_t *dk_acc = acc, *dv_acc = acc + kv_size, *dt = dv_acc + kv_size, *dc = dt + table_size;
         memset(acc, 0, sizeof(scalar_t) * (size_t)acc_size);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < (int64_t)BG * tiles; item++) {
             int bg = (int)(item / tiles), p0 = (int)(item % tiles) * T, n = HW - p0 < T ? HW - p0 : T;
-            NAME(logits)(gemm, &geo, q, k, bg, d, p0, n, P, scratch);
+            NAME(logits)(gemm, &geo, q, k, bg, d, p0, n, P, NULL, lse + (int64_t)bg * Mg * HW + p0, scratch);
+            /* per head: dv += dO^T P and dP = dO v^T (into dS), then dS = P (dP - delta) */
             for (int m = 0; m < Mg; m++) {
                 int64_t bm = (int64_t)bg * Mg + m;
-                const scalar_t *qt = q + bm * d * HW + p0, *ot = out + bm * d * HW + p0;
+                const scalar_t *ot = out + bm * d * HW + p0;
                 const scalar_t *gt = dout + (dout_cl ? bm * d + (int64_t)p0 * ldg : bm * d * HW + p0);
-                const scalar_t *lt = lse + bm * HW + p0;
-                scalar_t *Pm = P + (int64_t)m * Ns * n, *dSm = dS + (int64_t)m * Ns * n;
-                for (int j = 0; j < Ns; j++) {
-                    scalar_t *s = Pm + (int64_t)j * n;
-#pragma omp simd
-                    for (int c = 0; c < n; c++) s[c] = EXP(s[c] - lt[c]);
-                }
+                scalar_t *Pm = P + (int64_t)m * Ns * n, *dSm = dS + (int64_t)m * Ns * n, *dl = delta + (int64_t)m * n;
                 /* delta = rowsum(dO * O) per query */
-                for (int c = 0; c < n; c++) delta[c] = 0;
+                for (int c = 0; c < n; c++) dl[c] = 0;
                 if (dout_cl) {
                     for (int c = 0; c < n; c++)
-                        for (int ch = 0; ch < d; ch++) delta[c] += gt[(int64_t)c * ldg + ch] * ot[(int64_t)ch * HW + c];
+                        for (int ch = 0; ch < d; ch++) dl[c] += gt[(int64_t)c * ldg + ch] * ot[(int64_t)ch * HW + c];
                 } else {
                     for (int ch = 0; ch < d; ch++)
 #pragma omp simd
-                        for (int c = 0; c < n; c++) delta[c] += gt[(int64_t)ch * HW + c] * ot[(int64_t)ch * HW + c];
+                        for (int c = 0; c < n; c++) dl[c] += gt[(int64_t)ch * HW + c] * ot[(int64_t)ch * HW + c];
                 }
                 /* dO's tile (d x n) is stored transposed when dout_cl */
                 NAME(mm)(gemm, dout_cl, 1, d, Ns, n, gt, ldg, Pm, n, 1, dv_acc + bm * d * Ns, Ns);
                 NAME(mm)(gemm, 1, dout_cl, Ns, n, d, v + bm * d * Ns, Ns, gt, ldg, 0, dSm, n);
-                for (int j = 0; j < Ns; j++) {
-                    scalar_t *g = dSm + (int64_t)j * n;
-                    const scalar_t *p = Pm + (int64_t)j * n;
-#pragma omp simd
-                    for (int c = 0; c < n; c++) g[c] = p[c] * (g[c] - delta[c]);
-                }
-                NAME(mm)(gemm, 0, 0, d, n, Ns, k + bm * d * Ns, Ns, dSm, n, 0, dq + bm * d * HW + p0, HW);
-                NAME(mm)(gemm, 0, 1, d, Ns, n, qt, HW, dSm, n, 1, dk_acc + bm * d * Ns, Ns);
+                if (!table)
+                    for (int j = 0; j < Ns; j++) NAME(logit_grad)(dSm + (int64_t)j * n, Pm + (int64_t)j * n, dl, n);
             }
-            if (table) NAME(bias_grad)(&geo, bg, p0, n, dS, dt, dc, scratch);
+            /* with a table, dS per key and row while its bias gradient is taken */
+            if (table) NAME(bias_grad)(&geo, bg, p0, n, dS, P, delta, dt, dc, scratch);
+            for (int m = 0; m < Mg; m++) {
+                int64_t bm = (int64_t)bg * Mg + m;
+                scalar_t *dSm = dS + (int64_t)m * Ns * n;
+                NAME(mm)(gemm, 0, 0, d, n, Ns, k + bm * d * Ns, Ns, dSm, n, 0, dq + bm * d * HW + p0, HW);
+                NAME(mm)(gemm, 0, 1, d, Ns, n, q + bm * d * HW + p0, HW, dSm, n, 1, dk_acc + bm * d * Ns, Ns);
+            }
         }
         if (blas_threads_fn) ((int (*)(int))blas_threads_fn)(previous);
         /* after the loop's barrier: every thread's sums are complete */
