@@ -101,3 +101,14 @@ def test_backbone_benchmark_times_whole_detectors(capsys):
     bench.report(results, 'cpu')
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('dat_t mrcnn')]
     assert len(lines) == 2 and all(line.endswith('img/s)') for line in lines)
+
+
+def test_backbone_benchmark_interleaves_three_rounds_of_backbones_by_default():
+    bench = _load('tools/analysis_tools/benchmark_backbone.py')
+    args = bench.parse_args(['--cases', 'blocks', 'backbones', '--sizes', '512x512'])
+    cases = bench._cases(args, 'cpu')
+    kinds = [case['kind'] for case in cases]
+    assert bench._rounds(args, cases) == [3 if kind == 'backbone' else 1 for kind in kinds]
+    assert 'block' in kinds and 'backbone' in kinds
+    args = bench.parse_args(['--cases', 'blocks', 'backbones', '--rounds', '2'])
+    assert set(bench._rounds(args, bench._cases(args, 'cpu'))) == {2}

@@ -35,7 +35,8 @@ run (``faults k``, thousands): memory the allocator took fresh from the OS, whos
 is system time, the largest source of run-to-run variation on a VM (each fault costs a few
 microseconds; the count varies between runs of the same code). ``--rounds N`` runs the
 whole list N times, interleaved, and reports each case over all its runs: on a machine whose
-speed drifts (a shared VM) the ratios then compare cases measured side by side. Peak memory:
+speed drifts (a shared VM) the ratios then compare cases measured side by side. By default
+the backbones run 3 rounds and the rest 1 (``DEFAULT_ROUNDS``). Peak memory:
 
 * CPU: the subprocess's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) at the
   end of the case, reported raw (``peak RSS``) and minus the resident set measured after
@@ -62,6 +63,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import List
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -96,9 +98,10 @@ def parse_args(argv=None):
     p.add_argument('--detector-batch', type=int, default=1, help='images per detector step')
     p.add_argument('--modes', nargs='+', default=['fwd', 'fwd+bwd'], choices=['fwd', 'fwd+bwd'])
     p.add_argument('--repeats', type=int, default=3, help='timed runs per case and round')
-    p.add_argument('--rounds', type=int, default=1,
+    p.add_argument('--rounds', type=int, default=None,
                    help='run the whole list of cases this many times, interleaved, and report each case '
-                   'over all its runs: a machine whose speed drifts then slows all cases alike')
+                   'over all its runs: a machine whose speed drifts then slows all cases alike '
+                   '(default: DEFAULT_ROUNDS per kind of case)')
     p.add_argument('--warmup', type=int, default=1, help='untimed runs before them')
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     p.add_argument('--amp', action='store_true', help='CUDA: also run every case under fp16 autocast')
@@ -258,6 +261,13 @@ def run_case(case) -> dict:
 
 # --------------------------------------------------------------------------- driver side
 
+#: Rounds per kind of case without ``--rounds``. The backbones' ratios compare times within
+#: 10-50% of each other, which the drift of a shared VM moves by as much (single rounds of the
+#: same code here gave DAT-T++ / Swin-T at 800x1344 from 1.31 to 1.51); the blocks' paths are
+#: 6-16x apart, and a detector case takes minutes.
+DEFAULT_ROUNDS = {'block': 1, 'backbone': 3, 'detector': 1}
+
+
 def _cases(args, device):
     amps = [False, True] if (args.amp and device == 'cuda') else [False]
     common = dict(device=device, threads=args.threads, repeats=args.repeats, warmup=args.warmup)
@@ -284,6 +294,11 @@ def _cases(args, device):
                     cases.append(dict(common, kind='detector', name=name, impl='-' if name == 'swin_t' else 'fast',
                                       size=(H, W), mode=mode, amp=amp, batch=args.detector_batch))
     return cases
+
+
+def _rounds(args, cases) -> List[int]:
+    """How many rounds each case runs: ``--rounds`` or its kind's default."""
+    return [args.rounds or DEFAULT_ROUNDS[case['kind']] for case in cases]
 
 
 def _spawn(case, timeout, wait_policy='inherit') -> dict:
@@ -378,13 +393,16 @@ def main(argv=None):
     print(f'load average at start: {os.getloadavg()}')
     cases = _cases(args, device)
     runs = [[] for _ in cases]
-    for round_ in range(args.rounds):
-        for case, case_runs in zip(cases, runs):
+    rounds = _rounds(args, cases)
+    for round_ in range(max(rounds, default=0)):
+        for case, case_runs, case_rounds in zip(cases, runs, rounds):
+            if round_ >= case_rounds:
+                continue
             r = _spawn(case, args.timeout, args.omp_wait_policy)
             case_runs.append(r)
             name, size, impl, mode = _label(r)
             status = r.get('error') or f'{r["time"]:.3f} s, {r["mem"]:.0f} MB'
-            rnd = f' (round {round_ + 1})' if args.rounds > 1 else ''
+            rnd = f' (round {round_ + 1})' if case_rounds > 1 else ''
             print(f'  {name} {size} {impl} {mode}{rnd}: {status}', flush=True)
     print(f'load average at end: {os.getloadavg()}\n')
     results = [_merge(case_runs) for case_runs in runs]

@@ -302,7 +302,8 @@ static inline void NAME(add_row_bias)(const scalar_t *t, int Th, int Tw, int y0,
 /* What row_bias_grad needs of a row segment's n columns (cells cell[c] - xs in [0, band)) into
    plan: generic: the columns of cell i are [plan[i], plan[i + 1]), and the most columns of one
    cell is returned; PERMUTE16: per 16 columns from c, plan[c + l] = the last of them whose cell
-   is at most cell[c] + l, or plan[c] = -1 where they span more than 15 cells. plan: band + n + 16 */
+   is at most cell[c] + l, or plan[c] = -1 where their cells lie more than 14 apart (a vector of
+   per-cell sums shifted by one cell must keep them all). plan: band + n + 16 */
 static inline int NAME(column_plan)(const int32_t *cell, int n, int xs, int band, int *plan) {
 #if PERMUTE16
     (void)xs, (void)band;
