@@ -1,4 +1,5 @@
 """The fast attention paths compute the same function as the reference ones, leanly."""
+import functools
 import glob
 import itertools
 import os.path as osp
@@ -167,13 +168,11 @@ def test_bias_matches_grid_sample_at_edges(where, impl, monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize('impl', DA_IMPLS)
-@pytest.mark.parametrize('tile', [None, 60], ids=['row-tiles', 'split-rows'])
-@pytest.mark.parametrize('W,Tw', [(40, 27), (37, 71), (21, 111)], ids=['few-cells', 'cell-per-column', 'wide'])
-def test_bias_float32_at_any_cell_density(W, Tw, tile, impl, monkeypatch):
-    """Float32 bias and gradients against float64 where 16 query columns span a few table
-    cells, about 16 (the vector kernels' limit) or many more, in rows split or not."""
-    _select(impl, monkeypatch)
+BIAS_DENSITIES = [(40, 27), (37, 71), (21, 111)]
+
+
+def _check_bias_float32(W, Tw, tile):
+    """Float32 attention output and gradients against the official formulation in float64."""
     gen = torch.Generator().manual_seed(0)
     B, G, Mg, d, H, Ns, Th = 1, 2, 2, 8, 6, 10, 9
     qy, qx = _axis_grid(H, False, 'pp', 'cpu', torch.double), _axis_grid(W, False, 'pp', 'cpu', torch.double)
@@ -182,12 +181,36 @@ def test_bias_float32_at_any_cell_density(W, Tw, tile, impl, monkeypatch):
     table = torch.randn(G * Mg, Th, Tw, generator=gen, dtype=torch.double) * 3
     gout = torch.randn(B * G * Mg, d, H, W, generator=gen, dtype=torch.double)
     results = []
-    for dtype in (torch.double, torch.float):
+    fast = functools.partial(ops.deformable_attention, tile_elements=tile)
+    for dtype, attention in ((torch.double, _bias_reference), (torch.float, fast)):
         inputs = [t.to(dtype).requires_grad_() for t in (q, k.squeeze(-1), v.squeeze(-1), pos, table)]
-        out = ops.deformable_attention(*inputs, qy.to(dtype), qx.to(dtype), G, tile_elements=tile)
+        out = attention(*inputs, qy.to(dtype), qx.to(dtype), G)
         results.append([out, *torch.autograd.grad((out * gout.to(dtype)).sum(), inputs)])
     for name, a, b in zip('out q k v pos table'.split(), *results):
         torch.testing.assert_close(b.double(), a, atol=2e-5 * max(a.abs().max().item(), 1.), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize('impl', DA_IMPLS)
+@pytest.mark.parametrize('tile', [None, 60], ids=['row-tiles', 'split-rows'])
+@pytest.mark.parametrize('W,Tw', BIAS_DENSITIES, ids=['few-cells', 'cell-per-column', 'wide'])
+def test_bias_float32_at_any_cell_density(W, Tw, tile, impl, monkeypatch):
+    """Float32 bias and gradients against float64 where 16 query columns span a few table
+    cells, about 16 (the vector kernels' limit) or many more, in rows split or not."""
+    _select(impl, monkeypatch)
+    _check_bias_float32(W, Tw, tile)
+
+
+@pytest.mark.skipif(not FUSED or 'avx512f' not in native._cpu_fingerprint().split(), reason='no AVX-512 here')
+def test_fused_kernels_without_avx512(monkeypatch, tmp_path):
+    """The plain loops that float32 runs on CPUs without AVX-512 (float64 runs them everywhere)."""
+    monkeypatch.setenv('MMDAT_CACHE_DIR', str(tmp_path))
+    monkeypatch.setattr(native, '_WIDE_FLAGS', native._WIDE_FLAGS + ('-mno-avx512f', ))
+    lib = ops.native_library.__wrapped__()
+    assert lib is not None and lib._name != ops.native_library()._name
+    monkeypatch.setattr(ops, 'native_library', lambda: lib)
+    for W, Tw in BIAS_DENSITIES:
+        for tile in (None, 60):
+            _check_bias_float32(W, Tw, tile)
 
 
 @pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')
