@@ -262,8 +262,8 @@ static inline void NAME(rows)(const scalar_t *t, int Th, int Tw, int y0, scalar_
     for (int x = x0; x < x1; x++) D[x] = (r1 ? r1[x] : (scalar_t)0) - (r0 ? r0[x] : (scalar_t)0);
 }
 
-/* zeros at x[0 .. 16): vector loads read past the band */
-static inline void NAME(pad16)(scalar_t *x) {
+/* x[0 .. 16) = 0 (one vector): the padding that vector loads read past a band, and dR */
+static inline void NAME(zero16)(scalar_t *x) {
 #if PERMUTE16
     _mm512_storeu_ps(x, _mm512_setzero_ps());
 #else
@@ -281,7 +281,7 @@ static inline void NAME(add_row_bias)(const scalar_t *t, int Th, int Tw, int y0,
                                       const scalar_t *wx, int n, scalar_t *s, scalar_t *R) {
     int xs = cell[0], bx = cell[n - 1] - xs + 2, c = 0;
     NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, NULL);
-    NAME(pad16)(R + bx);
+    NAME(zero16)(R + bx);
 #if PERMUTE16
     /* 16 columns at a time: their cells' corners are lanes of R from the first one's */
     for (; c < n; c += 16) {
@@ -344,10 +344,10 @@ static inline void NAME(row_bias_grad)(const scalar_t *t, int Th, int Tw, int y0
     /* dR: whole 64-byte vectors (PERMUTE16 adds into them) */
     scalar_t *dR = (scalar_t *)(((uintptr_t)(D + bx + 16) + 63) & ~(uintptr_t)63);
     NAME(rows)(t, Th, Tw, y0, w, xs, bx, R, D);
-    NAME(pad16)(R + bx);
-    NAME(pad16)(D + bx);
+    NAME(zero16)(R + bx);
+    NAME(zero16)(D + bx);
     int padded = (bx + 31) & ~15;
-    for (int i = 0; i < padded; i += 16) NAME(pad16)(dR + i);
+    for (int i = 0; i < padded; i += 16) NAME(zero16)(dR + i);
     scalar_t sy = 0, sx = 0;
 #if PERMUTE16
     (void)longest;
@@ -580,6 +580,14 @@ static inline void NAME(tile_columns)(int W, int p0, int n, int *lo, int *hi) {
     *hi = one_row ? *lo + n : W;
 }
 
+/* The row segment of the tile's queries [p0, p0 + n) from tile column c0: query row *a,
+   columns [*b0, *b1); the next segment starts at tile column c0 + *b1 - *b0 */
+static inline void NAME(row_segment)(int W, int p0, int n, int c0, int *a, int *b0, int *b1) {
+    *a = (p0 + c0) / W;
+    *b0 = (p0 + c0) % W;
+    *b1 = *b0 + (n - c0 < W - *b0 ? n - c0 : W - *b0);
+}
+
 /* g = p (g - delta): dP into the logits' gradient, over n queries of one key */
 static inline void NAME(logit_grad)(scalar_t *g, const scalar_t *p, const scalar_t *delta, int n) {
 #pragma omp simd
@@ -633,9 +641,8 @@ static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const 
     for (int j = 0; j < Ns; j++) {
         const scalar_t *p = geo->pos + ((int64_t)bg * Ns + j) * 2;
         NAME(key_columns)(geo, p[1], lo, hi, cell, wx);
-        /* the tile as row segments: row a, columns [b0, b1) at tile column c0 */
-        for (int c0 = 0; c0 < n;) {
-            int a = (p0 + c0) / W, b0 = (p0 + c0) % W, b1 = b0 + (n - c0 < W - b0 ? n - c0 : W - b0);
+        for (int c0 = 0, a, b0, b1; c0 < n; c0 += b1 - b0) {
+            NAME(row_segment)(W, p0, n, c0, &a, &b0, &b1);
             scalar_t fy;
             int y0 = NAME(table_coord)(geo->qy[a], p[0], Th, &fy);
             for (int m = 0; m < Mg; m++) {
@@ -644,7 +651,6 @@ static void NAME(logits)(NAME(blas_gemm) gemm, const NAME(geometry) *geo, const 
                 NAME(add_row_bias)(t, Th, Tw, y0, fy, cell + b0 - lo, wx + b0 - lo, b1 - b0, s, R);
                 NAME(logit_row)(s, b1 - b0, mx ? mx + (int64_t)m * n + c0 : NULL, mx ? NULL : lse + (int64_t)m * HW + c0);
             }
-            c0 += b1 - b0;
         }
     }
 }
@@ -666,8 +672,8 @@ static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, sc
         scalar_t *gyx = dc + ((int64_t)bg * Ns + j) * 2;
         NAME(key_columns)(geo, p[1], lo, hi, cell, wx);
         int planned_b0 = -1, planned_b1 = -1, longest = 0;
-        for (int c0 = 0; c0 < n;) {
-            int a = (p0 + c0) / W, b0 = (p0 + c0) % W, b1 = b0 + (n - c0 < W - b0 ? n - c0 : W - b0);
+        for (int c0 = 0, a, b0, b1; c0 < n; c0 += b1 - b0) {
+            NAME(row_segment)(W, p0, n, c0, &a, &b0, &b1);
             const int32_t *cs = cell + b0 - lo;
             int xs = cs[0], band = cs[b1 - b0 - 1] - xs + 2;
             if (b0 != planned_b0 || b1 != planned_b1) {  /* whole rows share one plan */
@@ -682,7 +688,6 @@ static void NAME(bias_grad)(const NAME(geometry) *geo, int bg, int p0, int n, sc
                 NAME(row_bias_grad)(geo->table + head * Th * Tw, Th, Tw, y0, fy, cs, xs, band, plan, longest,
                                     dS + row, wx + b0 - lo, b1 - b0, dt + head * Th * Tw, gyx, gyx + 1, buf);
             }
-            c0 += b1 - b0;
         }
     }
 }
@@ -1078,7 +1083,7 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         Ns, BG = k.shape[-1], pos.shape[0]
         Mg = BM // BG
         ctx.groups, ctx.tile_elements = groups, tile_elements
-        fused = _fused(q, pos, table, qy, qx, groups, tile_elements)
+        fused = ctx.fused = _fused(q, pos, table, qy, qx, groups, tile_elements)
         if fused is not None:
             out, lse = fused.forward(q, k, v)
             ctx.save_for_backward(q, k, v, pos, table, qy, qx, out, lse)
@@ -1113,15 +1118,15 @@ class _DeformableAttentionFunction(torch.autograd.Function):
         q, k, v, pos, table, qy, qx, out, lse = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
             grads = _backward(q, k, v, pos, table, qy, qx, out, lse, grad_out.to(q.dtype),
-                              ctx.groups, ctx.tile_elements)
+                              ctx.groups, ctx.tile_elements, ctx.fused)
         return grads + (None,) * 4
 
 
-def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements):
+def _backward(q, k, v, pos, table, qy, qx, out, lse, dout, groups, tile_elements, fused):
+    """``fused``: the forward pass's :class:`_FusedAttention`, or ``None`` (it was tiled)."""
     BM, d, H, W = q.shape
     Ns, BG = k.shape[-1], pos.shape[0]
     Mg = BM // BG
-    fused = _fused(q, pos, table, qy, qx, groups, tile_elements)
     if fused is not None:
         return fused.backward(q, k, v, out, lse, dout)
     bias = _make_bias(pos, table, qy, qx, groups)
