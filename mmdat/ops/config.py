@@ -1,0 +1,138 @@
+"""Every switch of mmdat's attention ops, in one place.
+
+Environment variables (read when a kernel is first built or loaded):
+
+* ``MMDAT_NATIVE_OPS=0`` disables every compiled kernel: the ops then run their PyTorch
+  implementations (:func:`native_ops_enabled`).
+* ``MMDAT_CACHE_DIR``: where built kernels are kept (default ``$XDG_CACHE_HOME/mmdat``,
+  else ``~/.cache/mmdat``; :func:`cache_dir`).
+
+Context manager: ``with attention_impl('reference'):`` makes every attention module (or only
+those of the ``kinds`` given) use that implementation whatever its own ``attn_impl``.
+
+Per-module choice, the one function every attention module calls::
+
+    choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = False) -> str
+
+``kind`` is one of :data:`KINDS`, ``attn_impl`` the module's ``'fast'`` or ``'reference'``,
+``x`` a tensor of the call (its device decides), ``dropout`` whether attention dropout is
+active (``module.training and p > 0``: only the reference formulation has it). Returns
+``'reference'`` (the official formulation in PyTorch ops), ``'cpu'`` (the CPU op: C kernels,
+or their PyTorch fallback when no compiler works) or ``'cuda'`` (the CUDA op). While
+jit-tracing or scripting (FLOP counters) it is ``'reference'``; on devices without an mmdat
+op too, with one warning per device.
+
+This module imports torch only (as does all of :mod:`mmdat.ops`).
+"""
+import contextlib
+import os
+import os.path as osp
+import warnings
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+#: The attention kinds (and other ops) a module can ask :func:`choose_backend` about.
+KINDS = ('deformable', 'neighborhood', 'window', 'dwconv')
+#: A module's ``attn_impl``: the fast ops, or the official formulation.
+ATTN_IMPLS = ('fast', 'reference')
+#: What :func:`choose_backend` returns.
+BACKENDS = ('reference', 'cpu', 'cuda')
+
+_overrides: Dict[str, str] = {}
+_warned = set()
+
+
+def native_ops_enabled() -> bool:
+    """Whether compiled kernels may be built and used (``MMDAT_NATIVE_OPS`` is not ``0``)."""
+    return os.environ.get('MMDAT_NATIVE_OPS', '1') != '0'
+
+
+def cache_dir() -> str:
+    """Folder of the built kernels: ``$MMDAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmdat``,
+    else ``~/.cache/mmdat``."""
+    return os.environ.get('MMDAT_CACHE_DIR') or osp.join(
+        os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'mmdat')
+
+
+def check_attn_impl(impl: str) -> str:
+    """``impl`` if it is one of :data:`ATTN_IMPLS`; else a ``ValueError`` naming them."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
+    return impl
+
+
+def _check_kinds(kinds: Optional[Union[str, Iterable[str]]]) -> Sequence[str]:
+    kinds = KINDS if kinds is None else ((kinds,) if isinstance(kinds, str) else tuple(kinds))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f'attention kinds must be among {KINDS}, got {bad}')
+    return kinds
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str, kinds: Optional[Union[str, Iterable[str]]] = None) -> Iterator[None]:
+    """Within the block, every module of ``kinds`` (default: all) uses ``impl`` (``'fast'``
+    or ``'reference'``) whatever its ``attn_impl``. Blocks nest; the innermost wins."""
+    check_attn_impl(impl)
+    kinds = _check_kinds(kinds)
+    previous = {k: _overrides.get(k) for k in kinds}
+    _overrides.update({k: impl for k in kinds})
+    try:
+        yield
+    finally:
+        for k, p in previous.items():
+            if p is None:
+                _overrides.pop(k, None)
+            else:
+                _overrides[k] = p
+
+
+def resolved_impl(kind: str, attn_impl: str) -> str:
+    """The implementation a module of ``kind`` with ``attn_impl`` uses: the innermost
+    :func:`attention_impl` block's, else its own."""
+    return _overrides.get(kind, attn_impl)
+
+
+def choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = False) -> str:
+    """``'reference'``, ``'cpu'`` or ``'cuda'``: see the module docstring."""
+    impl = resolved_impl(kind, attn_impl)
+    if impl != 'fast' or dropout or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return 'reference'
+    device = x.device.type
+    if device in ('cpu', 'cuda'):
+        return device
+    warn_once(f'mmdat has no {kind} attention op for {device} tensors; running the reference formulation')
+    return 'reference'
+
+
+def warn_once(message: str, category=UserWarning):
+    """``warnings.warn(message)`` the first time this message comes up in the process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, category, stacklevel=3)
+
+
+def in_full_precision(fn: Callable, tensors: Sequence[Optional[torch.Tensor]], *args):
+    """``fn(*tensors, *args)``, with ``tensors`` all float32 or all float64: the precision
+    policy of the CPU kernels.
+
+    Under autocast, or when ``tensors`` (``None`` entries skipped) are not all float32 or
+    all float64, ``fn`` gets float32 copies with autocast off; its result is then returned
+    in float32 under autocast and in the first tensor's dtype otherwise.
+    """
+    present = [t for t in tensors if t is not None]
+    device_type = present[0].device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtypes = {t.dtype for t in present}
+    if not autocast and (dtypes == {torch.float32} or dtypes == {torch.float64}):
+        return fn(*tensors, *args)
+    with torch.autocast(device_type, enabled=False):
+        out = fn(*(None if t is None else t.float() for t in tensors), *args)
+    return out if autocast else _cast(out, present[0].dtype)
+
+
+def _cast(out, dtype):
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cast(o, dtype) for o in out)
+    return out.to(dtype)
