@@ -235,6 +235,7 @@ def _losses(text, total):
     return {int(i): line for i, line in re.findall(rf'Iter\(train\) \[\s*(\d+)/{total}\](.*lr: .*loss: [\d.]+.*)', text)}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     from mmdat.datasets.shapes import make_shapes_dataset
     _SHAPES['root'] = str(tmp_path / 'shapes')

@@ -84,6 +84,7 @@ def test_shapes_dataset_layout_and_determinism(shapes, tmp_path):
         assert open(osp.join(shapes, name), 'rb').read() == open(osp.join(again, name), 'rb').read()
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_and_draws(shapes, tmp_path):
     work = tmp_path / 'demo'
     out = _run([PY, osp.join(REPO, 'tools', 'run_demo.py'), '--work-dir', str(work), '--data-root', shapes,
@@ -117,6 +118,7 @@ def _free_port():
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='bash script')
+@pytest.mark.slow
 def test_dist_train_two_cpu_processes(shapes, tmp_path):
     work = tmp_path / 'dist'
     env_port = str(_free_port())
@@ -132,6 +134,7 @@ def test_dist_train_two_cpu_processes(shapes, tmp_path):
     assert (work / 'iter_2.pth').exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_interrupted_run(shapes, tmp_path):
     work = tmp_path / 'resume'
     base = [PY, osp.join(REPO, 'tools', 'train.py'), SEG_CFG, '--work-dir', str(work)]
