@@ -324,20 +324,26 @@ def test_native_kernels_build_here_and_can_be_disabled(monkeypatch, tmp_path):
 
 
 def test_native_build_falls_through_flags_the_compiler_rejects(monkeypatch, tmp_path):
-    """``native.load(wide_vectors=True)`` first tries a flag only x86 compilers know: where the
-    compiler rejects a flag set, the next one builds the library."""
-    import ctypes
-    from mmdat.models.layers import native
+    """``build.load(wide_vectors=True)`` first tries a flag only x86 compilers know: where the
+    compiler rejects a flag set, the next one builds the library (both scalar types, from a
+    source file that includes the shared header); none builds: a clear error, and ``load``
+    warns and returns ``None``."""
+    from mmdat.ops import build
     if not NATIVE:
         pytest.skip('no C compiler')
     monkeypatch.setenv('MMDAT_CACHE_DIR', str(tmp_path))
-    source = native._source('void NAME(answer)(scalar_t *x) { x[0] = 42; }')
-    lib = ctypes.CDLL(native._build('fallback', source, (('--no-such-flag', ), ) + native._FLAGS))
-    x = torch.zeros(1)
-    lib.answer_f32(ctypes.c_void_p(x.data_ptr()))
-    assert x.item() == 42
+    source = tmp_path / 'answer.c'
+    source.write_text('#include "common.h"\nvoid NAME(answer)(scalar_t *x) { x[0] = 42; }\n')
+    lib = build.load('fallback', [str(source)], {'answer': (1, 0)},
+                     flag_sets=(('--no-such-flag', ), ) + build.FLAG_SETS)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(1, dtype=dtype)
+        build.function(lib, 'answer', dtype)(x.data_ptr())
+        assert x.item() == 42
     with pytest.raises(RuntimeError, match='failed'):
-        native._build('rejected', source, (('--no-such-flag', ), ))
+        build.build('rejected', build.read_sources([str(source)]), (('--no-such-flag', ), ))
+    with pytest.warns(UserWarning, match='native rejected kernels unavailable'):
+        assert build.load('rejected', [str(source)], {'answer': (1, 0)}, flag_sets=(('--no-such-flag', ), )) is None
 
 
 def test_path_selection():
