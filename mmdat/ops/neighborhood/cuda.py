@@ -1,0 +1,163 @@
+"""Neighborhood attention (NA2D, dilation 1) with relative position bias on CUDA, by FlexAttention.
+
+NATTEN >= 0.20 has no relative position bias, so the neighborhoods are a ``mask_mod`` and
+the bias a ``score_mod`` (indices clamped: the ``score_mod`` also sees masked pairs).
+
+Tokens are reordered into tiles of ``TILE = (8, 16)`` positions, one FlexAttention block of
+128 tokens each, so that a block of queries needs the few key blocks around it (about 6 of
+them for a kernel of 7) instead of whole rows of the map: the block mask lists, per query
+tile, the key tiles its neighborhoods touch. It is built from the map size alone and cached
+per ``(H, W, kernel_size, device)``; the positions of the padded tiles are never keys and
+the outputs there are dropped.
+
+Imports torch only.
+"""
+import functools
+from typing import Callable, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..flex import compute_dtype, flex_attention_call
+
+#: Rows x columns of positions in one FlexAttention block (128 tokens).
+TILE = (8, 16)
+BLOCK = TILE[0] * TILE[1]
+
+
+def _window_starts(n: int, kernel_size: int, device) -> torch.Tensor:
+    """First key of each position's window along an axis of ``n``: ``clamp(i - k // 2, 0, n - k)``."""
+    return (torch.arange(n, device=device) - kernel_size // 2).clamp(0, n - kernel_size)
+
+
+def _tile_blocks(n: int, tile: int, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last key tile the windows of each query tile reach along one axis."""
+    starts = _window_starts(n, kernel_size, 'cpu')
+    first_query = torch.arange(0, n, tile)
+    last_query = (first_query + tile - 1).clamp(max=n - 1)
+    return starts[first_query] // tile, (starts[last_query] + kernel_size - 1) // tile
+
+
+class TiledNeighborhood:
+    """The tiled token order of an ``H x W`` map and NA2D's block mask on it.
+
+    Attributes:
+        rows, cols: ``(L,)`` int32 map row and column of every token of the tiled order
+            (``L`` = padded ``H x W``; padded positions have ``row >= H`` or ``col >= W``).
+        row_start, col_start: ``(L,)`` int32 first key row / column of each token's window.
+        block_mask: The FlexAttention ``BlockMask`` (partial blocks only; ``mask_mod`` inside).
+    """
+
+    def __init__(self, H: int, W: int, kernel_size: int, device: torch.device):
+        if H < kernel_size or W < kernel_size:
+            raise ValueError(f'neighborhood attention needs a map of at least the kernel size {kernel_size}, '
+                             f'got {H} x {W} (pad it first)')
+        th, tw = TILE
+        self.H, self.W, self.kernel_size = H, W, kernel_size
+        self.tiles = (-(-H // th), -(-W // tw))
+        nty, ntx = self.tiles
+        token = torch.arange(nty * ntx * BLOCK, device=device)
+        tile, within = token // BLOCK, token % BLOCK
+        rows = (tile // ntx) * th + within // tw
+        cols = (tile % ntx) * tw + within % tw
+        self.rows, self.cols = rows.to(torch.int32), cols.to(torch.int32)
+        self.row_start = _window_starts(H, kernel_size, device)[rows.clamp(max=H - 1)].to(torch.int32)
+        self.col_start = _window_starts(W, kernel_size, device)[cols.clamp(max=W - 1)].to(torch.int32)
+        self.block_mask = self._block_mask(device)
+
+    def mask_mod(self) -> Callable:
+        rows, cols, row_start, col_start, k = self.rows, self.cols, self.row_start, self.col_start, self.kernel_size
+
+        def in_window(b, h, q_idx, kv_idx):
+            dy = rows[kv_idx] - row_start[q_idx]
+            dx = cols[kv_idx] - col_start[q_idx]
+            return (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+
+        return in_window
+
+    def _block_mask(self, device) -> BlockMask:
+        th, tw = TILE
+        nty, ntx = self.tiles
+        y0, y1 = _tile_blocks(self.H, th, self.kernel_size)  # (nty,)
+        x0, x1 = _tile_blocks(self.W, tw, self.kernel_size)  # (ntx,)
+        ny, nx = int((y1 - y0).max()) + 1, int((x1 - x0).max()) + 1
+        ky = y0[:, None] + torch.arange(ny)  # (nty, ny), past y1: not used
+        kx = x0[:, None] + torch.arange(nx)
+        valid = (ky <= y1[:, None])[:, None, :, None] & (kx <= x1[:, None])[None, :, None, :]
+        index = (ky[:, None, :, None] * ntx + kx[None, :, None, :]).expand(nty, ntx, ny, nx)
+        # each query tile's key tiles first, in order, then padding
+        order = torch.argsort((~valid).reshape(nty * ntx, -1).to(torch.int8), dim=1, stable=True)
+        kv_indices = torch.gather(index.reshape(nty * ntx, -1), 1, order)
+        kv_num_blocks = valid.reshape(nty * ntx, -1).sum(1)
+        kv_indices = torch.where(torch.arange(ny * nx) < kv_num_blocks[:, None], kv_indices, 0)
+        L = nty * ntx * BLOCK
+        return BlockMask.from_kv_blocks(kv_num_blocks.to(torch.int32).view(1, 1, -1).to(device),
+                                        kv_indices.to(torch.int32).view(1, 1, nty * ntx, -1).to(device),
+                                        BLOCK_SIZE=BLOCK, mask_mod=self.mask_mod(), seq_lengths=(L, L))
+
+    def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x heads x H x W x d`` -> ``B x heads x L x d`` in the tiled order (zero padding)."""
+        B, nh, H, W, d = x.shape
+        (th, tw), (nty, ntx) = TILE, self.tiles
+        x = F.pad(x, (0, 0, 0, ntx * tw - W, 0, nty * th - H))
+        return x.reshape(B, nh, nty, th, ntx, tw, d).transpose(3, 4).reshape(B, nh, -1, d)
+
+    def from_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_tiles`, padding dropped."""
+        B, nh, _, d = x.shape
+        (th, tw), (nty, ntx) = TILE, self.tiles
+        x = x.reshape(B, nh, nty, ntx, th, tw, d).transpose(3, 4).reshape(B, nh, nty * th, ntx * tw, d)
+        return x[:, :, :self.H, :self.W]
+
+
+@functools.lru_cache(maxsize=32)
+def tiled_neighborhood(H: int, W: int, kernel_size: int, device: torch.device) -> TiledNeighborhood:
+    """The :class:`TiledNeighborhood` of an ``H x W`` map, built once per size and device."""
+    return TiledNeighborhood(H, W, kernel_size, device)
+
+
+def _relative_bias(score, b, h, q_idx, kv_idx, table, rows, cols, k):
+    # table: (heads, (2k-1)^2); indices clamped, as masked pairs reach here too
+    span = 2 * k - 1
+    dy = (rows[kv_idx] - rows[q_idx] + k - 1).clamp(0, span - 1)
+    dx = (cols[kv_idx] - cols[q_idx] + k - 1).clamp(0, span - 1)
+    return score + table[h, dy * span + dx].to(score.dtype)
+
+
+def neighborhood_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                                kernel_size: int) -> torch.Tensor:
+    """NA2D with relative position bias, the function of
+    :func:`mmdat.models.layers.neighborhood_attention.neighborhood_attention` (no dropout).
+
+    Args:
+        q, k, v: ``B x heads x H x W x d``; ``q`` already scaled; ``H, W >= kernel_size``.
+        bias_table: ``heads x (2k-1) x (2k-1)`` relative position bias.
+        kernel_size: Side ``k`` of the neighborhood.
+    Returns:
+        ``B x heads x H x W x d``; under autocast in its dtype (the bias and the softmax
+        statistics in float32), else in ``q``'s.
+    """
+    B, nh, H, W, d = q.shape
+    if k.shape != q.shape or v.shape[:4] != q.shape[:4] or bias_table.shape != (nh, 2 * kernel_size - 1,
+                                                                                 2 * kernel_size - 1):
+        raise ValueError(f'inconsistent shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
+                         f'bias_table {tuple(bias_table.shape)}, kernel_size {kernel_size}')
+    tn = tiled_neighborhood(H, W, kernel_size, q.device)
+    dtype = compute_dtype(q)
+    table = bias_table.flatten(1)
+    if table.dtype not in (torch.float32, torch.float64):
+        table = table.float()
+    ks = kernel_size
+
+    def score_mod(score, b, h, q_idx, kv_idx, table, rows, cols):
+        return _relative_bias(score, b, h, q_idx, kv_idx, table, rows, cols, ks)
+
+    with torch.autocast(q.device.type, enabled=False):
+        out = flex_attention_call(tn.to_tiles(q.to(dtype)), tn.to_tiles(k.to(dtype)), tn.to_tiles(v.to(dtype)),
+                                  score_mod, (table, tn.rows, tn.cols), tn.block_mask)
+    return tn.from_tiles(out)
+
+
+#: The CUDA path of the neighborhood attention ops.
+neighborhood_attention = neighborhood_attention_flex
