@@ -38,7 +38,7 @@ setup(
         'setuptools>=77.0.3,<81',
     ],
     extras_require={
-        'tests': ['pytest>=7', 'matplotlib'],
+        'tests': ['pytest>=7', 'matplotlib', 'ruff==0.17.5'],
         'natten': ['natten'],
     },
     zip_safe=False,
