@@ -11,12 +11,13 @@ import torch.nn.functional as F
 import mmdat  # noqa: F401
 from mmdat.models.backbones import DAT
 from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_arch
-from mmdat.models.layers import deformable_attention_ops as ops
 from mmdat.models.layers import native
 from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
                                                       deformable_attention_impl)
+from mmdat.ops import build
+from mmdat.ops.deformable import cpu as ops
 from mmdat.models.layers import neighborhood_attention as na_module
-from mmdat.models.layers import window_attention as wa_module
+from mmdat.ops.window import cpu as window_cpu
 from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, neighborhood_attention,
                                                         neighborhood_attention_native,
                                                         neighborhood_attention_tiled)
@@ -26,7 +27,7 @@ from conftest import NANO_PP, NANO_V1, fixtures_dir, without_native_ops
 
 
 NATIVE = ops.native_library() is not None
-FUSED = NATIVE and native.blas() is not None
+FUSED = NATIVE and build.blas() is not None
 NATIVE_NA = na_module.native_library() is not None
 needs_native_na = pytest.mark.skipif(not NATIVE_NA, reason='no C compiler')
 #: The CPU implementations of the fast deformable attention: fused C kernels, tiles with the
@@ -200,13 +201,14 @@ def test_bias_float32_at_any_cell_density(W, Tw, tile, impl, monkeypatch):
     _check_bias_float32(W, Tw, tile)
 
 
-@pytest.mark.skipif(not FUSED or 'avx512f' not in native._cpu_fingerprint().split(), reason='no AVX-512 here')
+@pytest.mark.skipif(not FUSED or 'avx512f' not in build.cpu_fingerprint().split(), reason='no AVX-512 here')
 def test_fused_kernels_without_avx512(monkeypatch, tmp_path):
     """The plain loops that float32 runs on CPUs without AVX-512 (float64 runs them everywhere)."""
     monkeypatch.setenv('MMDAT_CACHE_DIR', str(tmp_path))
-    monkeypatch.setattr(native, '_WIDE_FLAGS', native._WIDE_FLAGS + ('-mno-avx512f', ))
-    lib = ops.native_library.__wrapped__()
-    assert lib is not None and lib._name != ops.native_library()._name
+    library = ops.native_library
+    lib = build.load(library.name, library.source_files, library.signatures,
+                     flag_sets=(build.WIDE_FLAGS + ('-mno-avx512f', ), ) + build.FLAG_SETS)
+    assert lib is not None and lib._name != library()._name
     monkeypatch.setattr(ops, 'native_library', lambda: lib)
     for W, Tw in BIAS_DENSITIES:
         for tile in (None, 60):
@@ -286,7 +288,7 @@ def test_deformable_fast_path_keeps_no_logits():
 def test_cpu_workspace_survives_inference_mode():
     """The tile workspace kept between calls: first created under inference mode, then
     reused by a training step (and the other way round) in the same thread."""
-    native._workspaces.__dict__.pop('tensors', None)
+    build.clear_workspaces()
     module = _perturbed(DeformableAttention(32, 4, 2, 2, 3, -1, (5, 6), 'pp'))
     x = torch.randn(1, 32, 9, 11)
     with torch.inference_mode():
@@ -604,7 +606,7 @@ def test_half_precision_inputs_run_in_float32():
 
 # ----------------------------------------------------------------------------- window
 
-@pytest.mark.skipif(wa_module.native_library() is None, reason='no C compiler')
+@pytest.mark.skipif(not window_cpu.LIBRARY.available(), reason='no C compiler')
 @pytest.mark.parametrize('shifted', [False, True], ids=['L', 'S'])
 @pytest.mark.parametrize('size,channels,heads', [((14, 14), 12, 3), ((9, 17), 12, 3), ((5, 3), 12, 3),
                                                  ((10, 23), 12, 3), ((16, 8), 12, 3), ((10, 23), 64, 2)])
@@ -620,23 +622,24 @@ def test_window_native_matches_reference_float64(size, channels, heads, shifted)
         return _run(module, x, impl)
 
     calls = []
-    real = wa_module.window_attention_native
+    real = window_cpu.window_attention_forward
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(wa_module, 'window_attention_native', lambda *a: calls.append(1) or real(*a))
+        mp.setattr(window_cpu, 'window_attention_forward', lambda *a: calls.append(1) or real(*a))
         fast = run('fast')
     assert calls
     _assert_same(run('reference'), fast, atol=1e-11)
 
 
-@pytest.mark.skipif(wa_module.native_library() is None, reason='no C compiler')
+@pytest.mark.skipif(not window_cpu.LIBRARY.available(), reason='no C compiler')
 def test_window_native_float32_and_dropout_path():
     module = _perturbed(WindowAttention(32, 2, 7, True, attn_drop=0.1)).eval()
     x = torch.randn(1, 32, 12, 20)
+    assert module.backend(x) == 'cpu'
     fast = module(x)
     module.attn_impl = 'reference'
     torch.testing.assert_close(fast, module(x), atol=1e-5, rtol=1e-5)
     module.attn_impl = 'fast'
     module.train()  # attention dropout exists on the reference path only
-    assert not module._use_native(x)
+    assert module.backend(x) == 'reference'
     with pytest.raises(ValueError, match='attn_impl'):
         WindowAttention(32, 2, 7, attn_impl='flash')

@@ -3,9 +3,10 @@
 Each kernel source in ``mmdat/ops/csrc/`` is C over ``scalar_t`` (see ``csrc/common.h``),
 compiled twice, for ``float`` (kernels named ``*_f32``) and ``double`` (``*_f64``), with the
 system's C compiler (OpenMP when available, a second or two) into one library per source set,
-compiler and CPU, cached in ``$MMDAT_CACHE_DIR`` (default ``~/.cache/mmdat``). When no compiler
-works the loader warns once and returns ``None``; callers then run their PyTorch paths.
-``MMDAT_NATIVE_OPS=0`` disables every kernel.
+compiler and CPU, cached in :func:`.config.cache_dir`. When no compiler works the loader warns
+once and returns ``None``; callers then run their PyTorch paths. ``MMDAT_NATIVE_OPS=0``
+disables every kernel (:func:`.config.native_ops_enabled`). ``python -m mmdat.ops.build``
+builds them all ahead of use.
 
 Only the op implementations of :mod:`mmdat.ops` call a :class:`Library` (and ``torch.compile``
 never traces into those); module code asks :func:`Library.available`, which dynamo treats as
@@ -24,9 +25,12 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+from .config import cache_dir
+from .config import native_ops_enabled as enabled
 
 CSRC_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 
@@ -44,16 +48,6 @@ SCALAR_TYPES = ((1, 'f32', torch.float32), (0, 'f64', torch.float64))
 
 #: ``function -> (pointer arguments, int arguments[, ctypes result type])``, pointers first
 Signatures = Dict[str, Tuple]
-
-
-def enabled() -> bool:
-    """Whether C kernels may be built and run (``MMDAT_NATIVE_OPS`` is not ``0``)."""
-    return os.environ.get('MMDAT_NATIVE_OPS', '1') != '0'
-
-
-def cache_dir() -> str:
-    return os.environ.get('MMDAT_CACHE_DIR') or osp.join(
-        os.environ.get('XDG_CACHE_HOME') or osp.join(osp.expanduser('~'), '.cache'), 'mmdat')
 
 
 def cpu_fingerprint() -> str:
@@ -120,8 +114,7 @@ class Library:
         self._lock = threading.Lock()
         self._lib: Optional[ctypes.CDLL] = None
         self._loaded = False
-        # a plain function (not a bound method), so that dynamo can take its result as a constant
-        self.available = torch.compiler.assume_constant_result(functools.partial(_available, self))
+        self.available = _constant_availability(self)
 
     def __call__(self) -> Optional[ctypes.CDLL]:
         if not self._loaded:
@@ -144,8 +137,13 @@ class Library:
         return function(lib, kernel, dtype)
 
 
-def _available(library: Library) -> bool:
-    return library() is not None
+def _constant_availability(library: Library) -> Callable[[], bool]:
+    """``library.available()``: whether it builds and loads, a constant to ``torch.compile``
+    (which calls it instead of tracing the loader)."""
+    @torch.compiler.assume_constant_result
+    def available() -> bool:
+        return library() is not None
+    return available
 
 
 def function(lib: ctypes.CDLL, name: str, dtype: torch.dtype):
@@ -153,6 +151,24 @@ def function(lib: ctypes.CDLL, name: str, dtype: torch.dtype):
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f'mmdat C kernels take float32 or float64 tensors, got {dtype}')
     return getattr(lib, f'{name}_{"f32" if dtype == torch.float32 else "f64"}')
+
+
+def unsupported(op: str, *tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the C kernels of ``op`` cannot take ``tensors`` (``None`` entries skipped), or
+    ``None``: they take strided CPU tensors (float32 / float64; other floating dtypes through a
+    float32 copy, see :func:`.config.in_full_precision`). Raises ``TypeError`` for a tensor that
+    is not floating-point (no implementation takes it)."""
+    for t in tensors:
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f'{op} takes floating-point tensors, got {t.dtype}')
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != 'cpu':
+            return f'got a {t.device.type} tensor'
+        if t.layout != torch.strided:
+            return f'got a {t.layout} tensor'
+    return None
 
 
 def pointers(*tensors: Optional[torch.Tensor]) -> List[Optional[int]]:
