@@ -5,13 +5,13 @@ import torch.nn as nn
 
 from mmdat.models.backbones.dat import DATBlock
 from mmdat.models.layers import ConvMlp
-from mmdat.models.layers import mlp as mlp_module
 from mmdat.models.layers import residual_dwconv as module
 from mmdat.models.layers.residual_dwconv import residual_dwconv
+from mmdat.ops.dwconv import cpu
 
 from conftest import without_native_ops
 
-needs_native = pytest.mark.skipif(module.native_library() is None, reason='no C compiler')
+needs_native = pytest.mark.skipif(not cpu.LIBRARY.available(), reason='no C compiler')
 
 
 def _reference(x, conv, gelu):
@@ -41,7 +41,7 @@ def test_native_matches_pytorch_float64(shape, gelu, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fast = _outputs_and_grads(lambda t, c: module._ResidualDWConvFunction.apply(t, c.weight, c.bias, gelu),
+        fast = _outputs_and_grads(lambda t, c: cpu.residual_dwconv_forward(t, c.weight, c.bias, gelu),
                                   x, conv, gout)
     finally:
         torch.set_num_threads(previous)
@@ -63,13 +63,13 @@ def test_native_input_bias_is_added_before_the_conv(shape, gelu, threads):
     x = torch.randn(shape, generator=gen, dtype=torch.double)
     gout = torch.randn(shape, generator=gen, dtype=torch.double)
     u = torch.randn(Ch, generator=gen, dtype=torch.double) * 2
-    wt = module.tap_major(conv.weight.detach())
+    wt = cpu.tap_major(conv.weight.detach())
     out, gx = torch.empty_like(x), torch.empty_like(x)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        module.kernel_forward(x, wt, conv.bias.detach(), gelu, out, input_bias=u)
-        dweight, dbias, dinput = module.kernel_backward(x, wt, conv.bias.detach(), gelu, gout, gx, input_bias=u)
+        cpu.kernel_forward(x, wt, conv.bias.detach(), gelu, out, input_bias=u)
+        dweight, dbias, dinput = cpu.kernel_backward(x, wt, conv.bias.detach(), gelu, gout, gx, input_bias=u)
     finally:
         torch.set_num_threads(previous)
     xr, ur = x.clone().requires_grad_(), u.clone().requires_grad_()
@@ -95,14 +95,14 @@ def test_native_float32_gelu_is_pytorchs():
 @needs_native
 def test_conv_mlp_and_local_perception_run_the_kernels_on_cpu_unless_disabled(monkeypatch):
     calls = []
-    real = module.kernel_forward
-    monkeypatch.setattr(module, 'kernel_forward', lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = cpu.kernel_forward
+    monkeypatch.setattr(cpu, 'kernel_forward', lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     torch.manual_seed(0)
     block = DATBlock(nn.Identity(), 16, conv_mlp=True, local_perception=True)
     x = torch.randn(2, 16, 6, 5)
     native = block(x)
     assert calls == [False, True]  # the LPU, then the MLP's GELU middle
-    fallback = without_native_ops(monkeypatch, module.native_library, lambda: block(x))
+    fallback = without_native_ops(monkeypatch, cpu.LIBRARY, lambda: block(x))
     assert len(calls) == 2
     torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
 
@@ -144,7 +144,7 @@ def test_conv_mlp_node_matches_the_pytorch_ops_float64(monkeypatch):
         gout = torch.randn(shape, generator=gen, dtype=torch.double)
         fast = _mlp_outputs_and_grads(mlp, x, gout)
         again = _mlp_outputs_and_grads(mlp, x, gout)
-        ref = without_native_ops(monkeypatch, module.native_library, lambda: _mlp_outputs_and_grads(mlp, x, gout))
+        ref = without_native_ops(monkeypatch, cpu.LIBRARY, lambda: _mlp_outputs_and_grads(mlp, x, gout))
         assert len(fast) == 8
         for a, b, c in zip(fast, again, ref):
             torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-10)
@@ -166,7 +166,7 @@ def test_conv_mlp_keeps_no_hidden_layer(monkeypatch):
         return sum(n == hidden_numel for n in sizes)
 
     assert saved_hidden_tensors() == 0
-    assert without_native_ops(monkeypatch, module.native_library, saved_hidden_tensors) >= 2
+    assert without_native_ops(monkeypatch, cpu.LIBRARY, saved_hidden_tensors) >= 2
     grads = [torch.autograd.grad(mlp(x).square().sum(), [x, *mlp.parameters()]) for _ in range(2)]
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -175,7 +175,7 @@ def test_conv_mlp_keeps_no_hidden_layer(monkeypatch):
 @needs_native
 def test_conv_mlp_with_active_dropout_takes_the_pytorch_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(mlp_module._ConvMlpFunction, 'apply', lambda *a: calls.append(1) or a[0])
+    monkeypatch.setattr(cpu, 'conv_mlp_forward', lambda *a: calls.append(1) or a[0])
     mlp = ConvMlp(8, 16, drop=0.5)
     x = torch.randn(1, 8, 4, 4)
     assert mlp(x).shape == x.shape and not calls
