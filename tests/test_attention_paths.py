@@ -11,24 +11,23 @@ import torch.nn.functional as F
 import mmdat  # noqa: F401
 from mmdat.models.backbones import DAT
 from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_arch
-from mmdat.models.layers import native
 from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
                                                       deformable_attention_impl)
+from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
+from mmdat.models.layers.window_attention import WindowAttention
 from mmdat.ops import build
 from mmdat.ops.deformable import cpu as ops
-from mmdat.models.layers import neighborhood_attention as na_module
+from mmdat.ops.neighborhood import cpu as na_cpu
+from mmdat.ops.neighborhood.cpu import neighborhood_attention_tiled
+from mmdat.ops.neighborhood.reference import neighborhood_attention
 from mmdat.ops.window import cpu as window_cpu
-from mmdat.models.layers.neighborhood_attention import (NeighborhoodAttention, neighborhood_attention,
-                                                        neighborhood_attention_native,
-                                                        neighborhood_attention_tiled)
-from mmdat.models.layers.window_attention import WindowAttention
 
 from conftest import NANO_PP, NANO_V1, fixtures_dir, without_native_ops
 
 
 NATIVE = ops.native_library() is not None
 FUSED = NATIVE and build.blas() is not None
-NATIVE_NA = na_module.native_library() is not None
+NATIVE_NA = na_cpu.LIBRARY.available()
 needs_native_na = pytest.mark.skipif(not NATIVE_NA, reason='no C compiler')
 #: The CPU implementations of the fast deformable attention: fused C kernels, tiles with the
 #: bias in C, tiles with the bias in PyTorch (as on CUDA)
@@ -447,8 +446,8 @@ def test_flop_count_does_not_depend_on_the_path(arch):
 @pytest.mark.parametrize('steps', [None, (1, 1, 8), (1, 1 << 30, 2)], ids=['default-steps', 'row-steps', 'two-steps'])
 def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, monkeypatch):
     if steps is not None:
-        monkeypatch.setattr(na_module, 'STEP_LOGITS', steps[:2])
-        monkeypatch.setattr(na_module, 'STEPS_PER_CALL', steps[2])
+        monkeypatch.setattr(na_cpu, 'STEP_LOGITS', steps[:2])
+        monkeypatch.setattr(na_cpu, 'STEPS_PER_CALL', steps[2])
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, *size, 6, generator=gen, dtype=torch.double).requires_grad_() for _ in range(3))
     table = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=gen, dtype=torch.double).requires_grad_()
@@ -462,7 +461,7 @@ def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, mo
 
 
 def _native_na(q, k, v, table, kernel, scale=1.0):
-    """``neighborhood_attention_native`` with the arguments of ``neighborhood_attention``: an
+    """The C kernels' op with the arguments of ``neighborhood_attention``: an
     identity qkv projection of the map ``[q, k, v]`` (gradients flow back through it)."""
     B, nh, H, W, d = q.shape
     C = nh * d
@@ -471,7 +470,7 @@ def _native_na(q, k, v, table, kernel, scale=1.0):
     with torch.no_grad():
         linear.weight.copy_(torch.eye(3 * C))
         linear.bias.zero_()
-    out = neighborhood_attention_native(x, linear, table, nh, kernel, scale)
+    out = na_cpu.neighborhood_attention(x, linear.weight, linear.bias, table, nh, kernel, scale)
     return out.reshape(B, H, W, nh, d).permute(0, 3, 1, 2, 4)
 
 
@@ -511,7 +510,7 @@ def test_neighborhood_native_projection_gradients(batch):
     table = torch.randn(2, 13, 13, generator=gen, dtype=torch.double, requires_grad=True)
     gout = torch.randn(batch, 9, 10, 8, generator=gen, dtype=torch.double)
     params = (x, linear.weight, linear.bias, table)
-    fast = neighborhood_attention_native(x, linear, table, 2, 7, 0.5)
+    fast = na_cpu.neighborhood_attention(x, linear.weight, linear.bias, table, 2, 7, 0.5)
     q, k, v = linear(x).reshape(batch, 9, 10, 3, 2, 4).permute(3, 0, 4, 1, 2, 5)
     ref = neighborhood_attention(q * 0.5, k, v, table, 7).permute(0, 2, 3, 1, 4).reshape(batch, 9, 10, 8)
     torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)
@@ -537,14 +536,14 @@ def test_neighborhood_native_float32_and_errors():
 @needs_native_na
 def test_neighborhood_module_runs_the_c_kernels_on_cpu_unless_disabled(monkeypatch):
     calls = []
-    for name in ('neighborhood_attention_native', 'neighborhood_attention_tiled'):
-        real = getattr(na_module, name)
-        monkeypatch.setattr(na_module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for name in ('neighborhood_attention_forward', 'neighborhood_attention_tiled_forward'):
+        real = getattr(na_cpu, name)
+        monkeypatch.setattr(na_cpu, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     module = _perturbed(NeighborhoodAttention(16, 2, 7, use_natten=False))
     x = torch.randn(1, 16, 9, 9)
     native = module(x)
-    tiled = without_native_ops(monkeypatch, na_module.native_library, lambda: module(x))
-    assert calls == ['neighborhood_attention_native', 'neighborhood_attention_tiled']
+    tiled = without_native_ops(monkeypatch, na_cpu.LIBRARY, lambda: module(x))
+    assert calls == ['neighborhood_attention_forward', 'neighborhood_attention_tiled_forward']
     torch.testing.assert_close(native, tiled, atol=1e-5, rtol=1e-5)
 
 
