@@ -18,7 +18,7 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -29,10 +29,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex_attention() -> Callable:
+def _compiled(entry: Callable) -> Callable:
     # dynamic=None: the first map size compiles static, another one recompiles with dynamic
     # sizes, so multi-scale training does not run into the recompile limit
-    return torch.compile(flex_attention)
+    return torch.compile(entry)
 
 
 def _dense_flex_attention(q, k, v, score_mod, buffers, block_mask, scale):
@@ -48,13 +48,18 @@ def _dense_flex_attention(q, k, v, score_mod, buffers, block_mask, scale):
     return out
 
 
-def flex_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def flex_attention_call(entry: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         score_mod: Optional[Callable] = None, buffers: Sequence[torch.Tensor] = (),
                         block_mask: Optional[BlockMask] = None, scale: float = 1.0) -> torch.Tensor:
     """``flex_attention(q, k, v)`` (``B x heads x L x d``) with ``score_mod(..., *buffers)``
-    and ``block_mask``: fused on CUDA, the dense math path elsewhere (see the module)."""
+    and ``block_mask``: fused on CUDA, the dense math path elsewhere (see the module).
+
+    ``entry(q, k, v, score_mod, block_mask, scale)`` calls ``flex_attention``: a function of
+    the caller's own, compiled on CUDA. Dynamo keeps its compiled graphs (and counts them
+    against its recompile limit) per code object, so each attention kind has its own.
+    """
     if q.device.type == 'cuda':
         mod = None if score_mod is None else (lambda s, b, h, i, j: score_mod(s, b, h, i, j, *buffers))
-        fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
-        return fn(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale)
+        fn = entry if torch.compiler.is_compiling() else _compiled(entry)
+        return fn(q, k, v, mod, block_mask, scale)
     return _dense_flex_attention(q, k, v, score_mod, buffers, block_mask, scale)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from ..flex import compute_dtype, flex_attention_call
 from .reference import position_bias
@@ -40,6 +41,24 @@ def _table_coordinates(c: torch.Tensor, size: int) -> torch.Tensor:
     return c * ((size - 1) / 4)
 
 
+def _bilinear_bias(score, b, h, q_idx, kv_idx, padded, heads, query_y, query_x, key_y, key_x):
+    # No Python numbers but through tensor sizes: a compiled kernel is then reused (once
+    # dynamic) across stages and map sizes instead of being specialised on each.
+    cy = query_y[q_idx] - key_y[b, kv_idx]
+    cx = query_x[q_idx] - key_x[b, kv_idx]
+    y0, x0 = cy.floor(), cx.floor()
+    fy, fx = cy - y0, cx - x0
+    # rows / columns of the two corners in the padded table; off the table: on its zero ring
+    last_y, last_x = padded.size(1) - 1, padded.size(2) - 1
+    y0i, x0i = y0.to(torch.int32) + 1, x0.to(torch.int32) + 1
+    y1i, x1i = (y0i + 1).clamp(0, last_y), (x0i + 1).clamp(0, last_x)
+    y0i, x0i = y0i.clamp(0, last_y), x0i.clamp(0, last_x)
+    m = heads[b] + h
+    top = padded[m, y0i, x0i] * (1 - fx) + padded[m, y0i, x1i] * fx
+    bottom = padded[m, y1i, x0i] * (1 - fx) + padded[m, y1i, x1i] * fx
+    return score + (top * (1 - fy) + bottom * fy).to(score.dtype)
+
+
 def bilinear_bias(table: torch.Tensor, pos: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor,
                   groups: int) -> Tuple[Callable, Tuple[torch.Tensor, ...]]:
     """``score_mod`` and its tensors adding ``grid_sample(table, (q - p) / 2)`` (bilinear,
@@ -47,12 +66,13 @@ def bilinear_bias(table: torch.Tensor, pos: torch.Tensor, qy: torch.Tensor, qx: 
     ``h``, query ``q_idx`` (row-major over ``len(qy) x len(qx)``) and key ``kv_idx``.
 
     The tensors: the table padded by a ring of zeros (a corner outside the table is clamped
-    onto the ring, hence zero, at any distance), the table coordinates of the queries and
-    of the keys along each axis (their difference is the pair's), float32 (float64 for
-    float64 positions) whatever the attention dtype.
+    onto the ring, hence zero, at any distance), each flex batch's first table head, and the
+    table coordinates of the queries and of the keys along each axis (their difference is
+    the pair's), float32 (float64 for float64 positions) whatever the attention dtype.
     """
     M, Th, Tw = table.shape
-    Mg, H, W = M // groups, qy.shape[0], qx.shape[0]
+    H, W = qy.shape[0], qx.shape[0]
+    BG = pos.shape[0]
     work = torch.float64 if pos.dtype == torch.float64 else torch.float32
     pos = pos.to(work)
     query_y = (_table_coordinates(qy.to(work), Th) + (Th - 1) / 2).repeat_interleave(W)  # (H*W,)
@@ -60,23 +80,13 @@ def bilinear_bias(table: torch.Tensor, pos: torch.Tensor, qy: torch.Tensor, qx: 
     key_y = _table_coordinates(pos[..., 0], Th).contiguous()  # (B*G, Ns)
     key_x = _table_coordinates(pos[..., 1], Tw).contiguous()
     padded = F.pad(table.to(torch.promote_types(table.dtype, work)), (1, 1, 1, 1))  # (M, Th+2, Tw+2)
-    last_y, last_x = Th + 1, Tw + 1
+    heads = (torch.arange(BG, device=pos.device, dtype=torch.int32) % groups) * (M // groups)
+    return _bilinear_bias, (padded, heads, query_y, query_x, key_y, key_x)
 
-    def score_mod(score, b, h, q_idx, kv_idx, padded, query_y, query_x, key_y, key_x):
-        cy = query_y[q_idx] - key_y[b, kv_idx]
-        cx = query_x[q_idx] - key_x[b, kv_idx]
-        y0, x0 = cy.floor(), cx.floor()
-        fy, fx = cy - y0, cx - x0
-        # rows / columns of the two corners in the padded table
-        y0i, x0i = y0.to(torch.int32) + 1, x0.to(torch.int32) + 1
-        y1i, x1i = (y0i + 1).clamp(0, last_y), (x0i + 1).clamp(0, last_x)
-        y0i, x0i = y0i.clamp(0, last_y), x0i.clamp(0, last_x)
-        m = (b % groups) * Mg + h
-        top = padded[m, y0i, x0i] * (1 - fx) + padded[m, y0i, x1i] * fx
-        bottom = padded[m, y1i, x0i] * (1 - fx) + padded[m, y1i, x1i] * fx
-        return score + (top * (1 - fy) + bottom * fy).to(score.dtype)
 
-    return score_mod, (padded, query_y, query_x, key_y, key_x)
+def _flex_entry(q, k, v, score_mod, block_mask, scale):
+    # compiled on CUDA (see mmdat.ops.flex): this kind's own compile cache
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
 def _flex_layout(q, k, v, BG, dtype):
@@ -115,7 +125,7 @@ def deformable_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qf, kf, vf = _flex_layout(q, k, v, BG, dtype)
     score_mod, buffers = (None, ()) if table is None else bilinear_bias(table, pos, qy, qx, groups)
     with torch.autocast(q.device.type, enabled=False):
-        out = flex_attention_call(qf, kf, vf, score_mod, buffers)
+        out = flex_attention_call(_flex_entry, qf, kf, vf, score_mod, buffers)
     return out.transpose(-1, -2).reshape(BM, d, H, W)
 
 

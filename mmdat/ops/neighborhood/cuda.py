@@ -17,7 +17,7 @@ from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..flex import compute_dtype, flex_attention_call
 
@@ -117,12 +117,18 @@ def tiled_neighborhood(H: int, W: int, kernel_size: int, device: torch.device) -
     return TiledNeighborhood(H, W, kernel_size, device)
 
 
-def _relative_bias(score, b, h, q_idx, kv_idx, table, rows, cols, k):
-    # table: (heads, (2k-1)^2); indices clamped, as masked pairs reach here too
-    span = 2 * k - 1
-    dy = (rows[kv_idx] - rows[q_idx] + k - 1).clamp(0, span - 1)
-    dx = (cols[kv_idx] - cols[q_idx] + k - 1).clamp(0, span - 1)
-    return score + table[h, dy * span + dx].to(score.dtype)
+def _relative_bias(score, b, h, q_idx, kv_idx, table, rows, cols):
+    # table: (heads, 2k-1, 2k-1); indices clamped, as masked pairs reach here too. No Python
+    # numbers but through tensor sizes (a compiled kernel is reused across map sizes).
+    last = table.size(1) - 1
+    dy = (rows[kv_idx] - rows[q_idx] + last // 2).clamp(0, last)
+    dx = (cols[kv_idx] - cols[q_idx] + last // 2).clamp(0, last)
+    return score + table[h, dy, dx].to(score.dtype)
+
+
+def _flex_entry(q, k, v, score_mod, block_mask, scale):
+    # compiled on CUDA (see mmdat.ops.flex): this kind's own compile cache
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
 def neighborhood_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
@@ -145,17 +151,10 @@ def neighborhood_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                          f'bias_table {tuple(bias_table.shape)}, kernel_size {kernel_size}')
     tn = tiled_neighborhood(H, W, kernel_size, q.device)
     dtype = compute_dtype(q)
-    table = bias_table.flatten(1)
-    if table.dtype not in (torch.float32, torch.float64):
-        table = table.float()
-    ks = kernel_size
-
-    def score_mod(score, b, h, q_idx, kv_idx, table, rows, cols):
-        return _relative_bias(score, b, h, q_idx, kv_idx, table, rows, cols, ks)
-
+    table = bias_table if bias_table.dtype in (torch.float32, torch.float64) else bias_table.float()
     with torch.autocast(q.device.type, enabled=False):
-        out = flex_attention_call(tn.to_tiles(q.to(dtype)), tn.to_tiles(k.to(dtype)), tn.to_tiles(v.to(dtype)),
-                                  score_mod, (table, tn.rows, tn.cols), tn.block_mask)
+        qt, kt, vt = (tn.to_tiles(t.to(dtype)) for t in (q, k, v))
+        out = flex_attention_call(_flex_entry, qt, kt, vt, _relative_bias, (table, tn.rows, tn.cols), tn.block_mask)
     return tn.from_tiles(out)
 
 
