@@ -300,16 +300,14 @@ def _compile_and_link(cc: str, flags: Tuple[str, ...], files: List[str], out: st
 
 
 def build_all() -> Dict[str, bool]:
-    """Builds every library of :mod:`mmdat.ops` now (e.g. at install): name -> available."""
+    """Builds every kernel library of :mod:`mmdat.ops` now (e.g. at install): name -> available."""
     import importlib
     built = {}
-    for module in ('neighborhood', 'window', 'dwconv', 'deformable'):
-        try:
-            cpu = importlib.import_module(f'mmdat.ops.{module}.cpu')
-        except ImportError:
-            continue
-        for library in getattr(cpu, 'LIBRARIES', ()):
-            built[library.name] = library() is not None
+    for kind in ('deformable', 'neighborhood', 'window', 'dwconv'):
+        cpu = importlib.import_module(f'mmdat.ops.{kind}.cpu')
+        for value in vars(cpu).values():
+            if isinstance(value, Library) and value.name not in built:
+                built[value.name] = value() is not None
     return built
 
 

@@ -23,7 +23,6 @@ from . import reference
 
 LIBRARY = build.Library('residual_dwconv', ['residual_dwconv.c'],
                         {'residual_dwconv_forward': (5, 6), 'residual_dwconv_backward': (9, 6)}, wide_vectors=True)
-LIBRARIES = (LIBRARY, )
 
 
 def tap_major(weight: torch.Tensor) -> torch.Tensor:
@@ -65,6 +64,7 @@ def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu:
 @torch.library.custom_op('mmdat::residual_dwconv', mutates_args=())
 def residual_dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: bool) -> torch.Tensor:
     """``act(x + DWConv3x3(x))`` of a ``B x H x W x Ch`` map (float32 / float64)."""
+    _check_dwconv(x, weight, bias, x.shape[-1])  # the kernels' bounds
     x = x.contiguous()
     out = torch.empty_like(x)
     kernel_forward(x, tap_major(weight), bias.contiguous(), gelu, out)

@@ -24,7 +24,6 @@ from .reference import window_start
 
 LIBRARY = build.Library('neighborhood_attention', ['neighborhood_attention.c'],
                         {'na_forward': (5, 7), 'na_backward': (8, 7)})
-LIBRARIES = (LIBRARY, )
 
 #: Spare elements after the channel-major qkv: the kernels' vector loads of an interior
 #: block's last window offset may read one element past a key row.
@@ -53,6 +52,7 @@ def neighborhood_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: 
     of the map ``x (B, H, W, Cin)`` and its qkv projection ``weight (3C, Cin)``, ``bias``."""
     B, H, W, Cin = x.shape
     C = weight.shape[0] // 3
+    _check((H, W), table, num_heads, kernel_size, 'inconsistent arguments')  # the kernels' bounds
     rows, weight, bias, table = x.reshape(B, H * W, Cin), weight.contiguous(), bias.contiguous(), table.contiguous()
     qkv = _project(rows, weight, bias, *_qkv_buffers(rows, weight, 1))
     out, lse = x.new_empty(B, H, W, C), x.new_empty(B, num_heads, H, W)

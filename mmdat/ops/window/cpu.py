@@ -11,7 +11,6 @@ from ..config import in_full_precision, warn_once
 from . import reference
 
 LIBRARY = build.Library('window_attention', ['window_attention.c'], {'wa_forward': (6, 8), 'wa_backward': (10, 8)})
-LIBRARIES = (LIBRARY, )
 
 
 def _check(qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int, window_size: int,
@@ -28,6 +27,7 @@ def _check(qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_h
 def window_attention_forward(qkv: torch.Tensor, qkv_bias: torch.Tensor, table: torch.Tensor, num_heads: int,
                              window_size: int, shift_size: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output ``B x H x W x C`` and log-sum-exp ``B x heads x H x W`` (float32 / float64)."""
+    _check(qkv, qkv_bias, table, num_heads, window_size, shift_size)  # the kernels' bounds
     B, H, W, C3 = qkv.shape
     qkv, qkv_bias, table = qkv.contiguous(), qkv_bias.contiguous(), table.contiguous()
     out, lse = qkv.new_empty(B, H, W, C3 // 3), qkv.new_empty(B, num_heads, H, W)
