@@ -178,10 +178,9 @@ def test_crafted_pickle_in_backbone_weights_does_not_run(tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path):
-    from mmengine.runner import runner as mm_runner
-    from mmdat.engine import atomic_save_checkpoint
-    from mmdat.engine.atomic_checkpoint import _runner_save_checkpoint
-    assert mm_runner.save_checkpoint is _runner_save_checkpoint  # installed by `import mmdat`
+    from mmengine.fileio import get_file_backend
+    from mmdat.engine import AtomicLocalBackend, atomic_save_checkpoint
+    assert isinstance(get_file_backend(str(tmp_path)), AtomicLocalBackend)  # installed by `import mmdat`
     path = str(tmp_path / 'iter_2.pth')
     atomic_save_checkpoint({'meta': {'iter': 2}, 'state_dict': {'w': torch.ones(3)}}, path)
 

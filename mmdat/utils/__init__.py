@@ -1,3 +1,2 @@
-"""Utilities: ``mmdat::`` config inheritance (:mod:`.config`), loading MMEngine checkpoints
-under torch's ``weights_only`` unpickler (:mod:`.checkpoint`), launcher set-up for
-``tools/train.py`` / ``tools/test.py`` (:mod:`.launch`)."""
+"""Utilities: where mmdat's configs live (:mod:`.config`), what MMEngine checkpoints pickle
+(:mod:`.checkpoint`), launcher set-up for ``tools/train.py`` / ``tools/test.py`` (:mod:`.launch`)."""

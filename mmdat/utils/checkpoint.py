@@ -1,39 +1,25 @@
-"""Loading MMEngine checkpoints under ``torch.load(weights_only=True)``.
+"""What MMEngine checkpoints pickle beyond ``torch.load(weights_only=True)``'s allow-list.
 
-Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``: it unpickles only tensors,
-builtin containers and an allow-list of globals. MMEngine 0.10.7 calls ``torch.load`` without
-the argument, and the checkpoints it saves hold a few objects beyond that list (the
-``MessageHub``'s ``HistoryBuffer`` log buffers with their numpy arrays and scalars), so
-``runner.resume()`` and testing with a saved checkpoint fail with
-``UnpicklingError: Weights only load failed``.
-
-:func:`allow_mmengine_checkpoints` (called when :mod:`mmdat` is imported) adds exactly those
-types to torch's allow-list with :func:`torch.serialization.add_safe_globals`. The safe
-unpickler stays on: a checkpoint that names any other global (``os.system``, ``eval``, a
-class with a malicious ``__reduce__``, ...) is still refused before anything runs.
-
-What an MMEngine checkpoint pickles, beyond torch's own allow-list:
+MMEngine 0.10.7 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 defaults to
+True; its checkpoints hold a few objects beyond torch's allow-list, so ``runner.resume()``
+and testing a saved checkpoint fail with ``UnpicklingError: Weights only load failed``.
+:mod:`mmdat.patches` adds exactly these to the allow-list; the safe unpickler stays on, so a
+checkpoint that names any other global (``os.system``, ``eval``, a class with a malicious
+``__reduce__``) is still refused before anything runs:
 
 * ``mmengine.logging.history_buffer.HistoryBuffer`` (``message_hub.log_scalars``);
-* ``builtins.getattr``: ``HistoryBuffer.__getstate__`` pickles its statistics methods as
-  ``getattr(HistoryBuffer, 'mean')`` etc. ``getattr`` itself is *not* allowed: the name is
-  bound to :func:`_history_buffer_statistic`, which resolves only public methods of
-  ``HistoryBuffer`` and refuses everything else;
-* numpy arrays, dtypes and scalars: ``numpy.ndarray``, ``numpy.dtype`` (and its per-type
-  subclasses ``numpy.dtypes.*DType``), ``numpy._core.multiarray._reconstruct`` and
-  ``numpy._core.multiarray.scalar`` (also under their numpy 1.x names ``numpy.core.*``, for
-  checkpoints saved with numpy 1).
-
-``collections.OrderedDict``/``Counter`` (state dicts, ``MultiStepLR`` milestones),
-``torch.Size``, tensors and storages are in torch's default list already.
+* ``builtins.getattr``, which ``HistoryBuffer.__getstate__`` pickles as
+  ``getattr(HistoryBuffer, 'mean')`` etc.: bound to :func:`_history_buffer_statistic`, which
+  resolves only public methods of ``HistoryBuffer`` and refuses everything else;
+* numpy arrays, dtypes (and ``numpy.dtypes.*DType``) and scalars, under their numpy 2 and
+  numpy 1 module paths.
 """
 import pickle
 from typing import Any, List, Tuple, Union
 
 import numpy as np
-import torch
 
-__all__ = ['allow_mmengine_checkpoints', 'mmengine_safe_globals']
+__all__ = ['mmengine_safe_globals']
 
 
 def _history_buffer_statistic(obj: Any, name: Any) -> Any:
@@ -57,7 +43,7 @@ def _numpy_core():
 
 
 def mmengine_safe_globals() -> List[Union[Any, Tuple[Any, str]]]:
-    """The entries :func:`allow_mmengine_checkpoints` adds to torch's allow-list."""
+    """The entries :mod:`mmdat.patches` adds to torch's allow-list (``add_safe_globals``)."""
     from mmengine.logging import HistoryBuffer
     core = _numpy_core()
     reconstruct, scalar = core.multiarray._reconstruct, core.multiarray.scalar
@@ -76,17 +62,3 @@ def mmengine_safe_globals() -> List[Union[Any, Tuple[Any, str]]]:
                     if n.endswith('DType') and isinstance(getattr(dtypes, n), type)]
     return entries
 
-
-_done = False
-
-
-def allow_mmengine_checkpoints() -> None:
-    """Let ``torch.load(weights_only=True)`` read the checkpoints MMEngine saves. Idempotent."""
-    global _done
-    if _done or not hasattr(torch.serialization, 'add_safe_globals'):  # torch < 2.4: nothing to do
-        return
-    torch.serialization.add_safe_globals(mmengine_safe_globals())
-    _done = True
-
-
-allow_mmengine_checkpoints()
