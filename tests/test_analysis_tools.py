@@ -39,6 +39,19 @@ def test_sampling_points_lie_on_the_image_and_are_drawn(tmp_path):
     assert mmcv.imread(out).shape[2] == 3
 
 
+def test_sampling_point_panels_each_have_a_legend_and_share_colours():
+    vis = _load('tools/analysis_tools/visualize_sampling_points.py')
+    image = np.zeros((32, 48, 3), np.uint8)
+    points = {stage: [(np.array([1.0, 2.0]), np.array([3.0, 4.0]))] * groups for stage, groups in ((2, 2), (3, 4))}
+    fig = vis.draw_sampling_points(image, points, [2, 3])
+    for ax, stage in zip(fig.axes, [2, 3]):
+        legend = ax.get_legend()
+        assert legend is not None, f'stage {stage + 1} has no legend'
+        assert [t.get_text() for t in legend.get_texts()] == [f'group {g}' for g in range(len(points[stage]))]
+    colours = [[tuple(c.get_facecolor()[0]) for c in ax.collections] for ax in fig.axes]
+    assert colours[0] == colours[1][:2] and len(set(colours[1])) == 4  # group g: one colour in every panel
+
+
 def test_inference_demo_saves_the_picture(tmp_path):
     demo = _load('tools/inference_demo.py')
     from mmengine.config import Config

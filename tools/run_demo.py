@@ -1,15 +1,17 @@
 """The embedded demo: DAT trains and evaluates for real, on CPU, with no data to download.
 
-    python tools/run_demo.py [--work-dir work_dirs/demo]
+    python tools/run_demo.py [--work-dir work_dirs/demo] [--record docs/demo.md]
 
 1. writes the synthetic shapes dataset (data/shapes; see mmdat/datasets/shapes.py);
 2. trains Mask R-CNN + DAT (configs/demo/mask_rcnn_dat_demo.py) and UperNet + DAT
    (configs/demo/upernet_dat_demo.py) from scratch with tools/train.py, both at once, one
    CPU thread each (``--jobs 1`` runs them one after the other);
 3. evaluates them on the val split (COCO bbox / segm mAP; mIoU), draws predictions and
-   loss curves into the work dir, and prints a summary.
+   loss curves into the work dir, prints a summary and writes it as ``summary.json`` and
+   ``results.md`` (a Markdown table); ``--record FILE`` also puts that table into FILE
+   between the ``<!-- demo-results -->`` markers (docs/demo.md keeps the recorded run).
 
-About 15 minutes on 2 cores. Every run is seeded: the same machine gives the same numbers.
+Every run is seeded: the same machine gives the same numbers. Timings: docs/demo.md.
 """
 import argparse
 import glob
@@ -44,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument('--iters', type=int, default=None, help='override the iterations of every training')
     parser.add_argument('--cfg-options', nargs='+', default=[],
                         help='extra key=value overrides passed to every training')
+    parser.add_argument('--record', metavar='FILE',
+                        help='also write the results table into FILE between its demo-results markers')
     return parser.parse_args(argv)
 
 
@@ -295,6 +299,45 @@ def background_only_miou(data_root: str, num_classes: int) -> float:
     return background / num_classes  # IoU(background) = background share, 0 for the others
 
 
+RESULTS_START, RESULTS_END = '<!-- demo-results:start -->', '<!-- demo-results:end -->'
+
+
+def results_markdown(summary: Dict[str, dict], total_minutes: float, cores: int) -> str:
+    """The demo's figures as a Markdown table (what ``results.md`` and ``--record`` write)."""
+    rows = ['| model | iterations | metric | train + eval (min) | CPU time (min) |',
+            '|---|---|---|---|---|']
+    for task, entry in summary.items():
+        m = entry.get('metrics', {})
+        if entry['exit_code'] != 0 or not m:
+            metric = f'failed (exit {entry["exit_code"]})'
+        elif task == 'mask_rcnn':
+            metric = (f'bbox mAP {m.get("coco/bbox_mAP", float("nan")):.3f} '
+                      f'(AP50 {m.get("coco/bbox_mAP_50", float("nan")):.3f}), '
+                      f'segm mAP {m.get("coco/segm_mAP", float("nan")):.3f}')
+        else:
+            metric = f'mIoU {m.get("mIoU", float("nan")):.2f}'
+            if 'background_only_mIoU' in entry:
+                metric += f' (all-background: {entry["background_only_mIoU"]:.1f})'
+        rows.append(f'| {entry["title"]} | {entry.get("iterations", "?")} | {metric} | '
+                    f'{entry["train_and_eval_minutes"]:.1f} | {entry["cpu_minutes"]:.1f} |')
+    rows.append('')
+    rows.append(f'Whole demo: {total_minutes:.1f} min wall on {cores} cores.')
+    return '\n'.join(rows) + '\n'
+
+
+def record_results(path: str, table: str) -> None:
+    """Replaces what lies between the demo-results markers of ``path`` with ``table``."""
+    text = open(path).read() if osp.exists(path) else ''
+    if RESULTS_START in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_START, 1)
+        tail = rest.split(RESULTS_END, 1)[1]
+    else:
+        head, tail = text + ('\n' if text and not text.endswith('\n') else ''), '\n'
+    with open(path, 'w') as f:
+        f.write(f'{head}{RESULTS_START}\n{table}{RESULTS_END}{tail}')
+
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -302,8 +345,7 @@ def main(argv=None) -> int:
     start = time.time()
     os.makedirs(args.work_dir, exist_ok=True)
 
-    from mmdat.datasets.shapes import VERSION as SHAPES_VERSION
-    from mmdat.datasets.shapes import make_shapes_dataset
+    from mmdat.datasets.shapes import VERSION as SHAPES_VERSION, make_shapes_dataset
     t = time.time()
     marker = osp.join(args.data_root, 'shapes.json')
     if osp.exists(marker) and json.load(open(marker)).get('version') == SHAPES_VERSION:
@@ -381,8 +423,15 @@ def main(argv=None) -> int:
             if entry.get(key):
                 print(f'{"":<17} {key.replace("_", " ")}: {entry[key]}')
     with open(osp.join(args.work_dir, 'summary.json'), 'w') as f:
-        json.dump(dict(total_minutes=round(total / 60, 2), tasks=summary), f, indent=1, default=str)
-    print(f'summary: {osp.join(args.work_dir, "summary.json")}')
+        json.dump(dict(total_minutes=round(total / 60, 2), cores=os.cpu_count(), tasks=summary), f, indent=1,
+                  default=str)
+    table = results_markdown(summary, total / 60, os.cpu_count() or 1)
+    with open(osp.join(args.work_dir, 'results.md'), 'w') as f:
+        f.write(table)
+    if args.record:
+        record_results(args.record, table)
+    print(f'summary: {osp.join(args.work_dir, "summary.json")}, {osp.join(args.work_dir, "results.md")}'
+          + (f'; recorded in {args.record}' if args.record else ''))
     return 1 if failed else 0
 
 

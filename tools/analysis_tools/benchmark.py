@@ -70,12 +70,15 @@ def benchmark(config: str, shape=None, batch_size: int = 1, iters: int = 20, war
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Images per second of a config (random images)')
-    parser.add_argument('config')
+    parser.add_argument('config', help='a config with a DAT (or any) backbone: mmdet, mmseg or mmpretrain')
     parser.add_argument('--shape', type=int, nargs='+', help='H W (default: the paper\'s FLOPs shape)')
-    parser.add_argument('--batch-size', type=int, default=1)
-    parser.add_argument('--iters', type=int, default=20)
-    parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch-size', type=int, default=1,
+                        help='random images per step; images/s counts all of them (default: 1)')
+    parser.add_argument('--iters', type=int, default=20, help='timed steps, after the warm-up (default: 20)')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed steps first (allocator, kernel builds, autotuning; default: 3)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='where the model runs (default: cuda when available, else cpu)')
     parser.add_argument('--amp', action='store_true', help='fp16 autocast on CUDA, bf16 on CPU')
     parser.add_argument('--train', action='store_true', help='time training steps of backbone + neck')
     args = parser.parse_args(argv)

@@ -4,9 +4,10 @@
         [--out points.png] [--stages 2 3] [--max-side 1333]
 
 For the last deformable block of each chosen stage (0-based; the paper shows stages 3 and 4,
-i.e. 2 and 3), every offset group's deformed key positions are drawn in its own colour,
-over the image as the backbone saw it (resized, normalised as the config's data
-preprocessor does). Works for any config whose model has a DAT backbone.
+i.e. 2 and 3), every offset group's deformed key positions are drawn over the image as the
+backbone saw it (resized, normalised as the config's data preprocessor does). Group ``g`` has
+the same colour in every panel, and every panel has its own legend. Works for any config
+whose model has a DAT backbone.
 """
 import argparse
 import os.path as osp
@@ -76,16 +77,42 @@ def sampling_points(backbone, image: np.ndarray, mean, std, stages):
     return points
 
 
+def group_colour(group: int, num_colours: int):
+    """The colour of offset group ``group``: one scale for every panel, so a group's colour
+    means the same in each (tab10, or tab20 past 10 groups)."""
+    cmap = plt.cm.tab10 if num_colours <= 10 else plt.cm.tab20
+    return cmap(group % cmap.N)
+
+
+def draw_sampling_points(image: np.ndarray, points: dict, stages) -> 'plt.Figure':
+    """One panel per stage: the image with each group's sampling points; each panel has its
+    own legend of the groups it draws."""
+    num_colours = max(len(points[stage]) for stage in stages)
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 6), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        ax.imshow(image)
+        for g, (xs, ys) in enumerate(points[stage]):
+            ax.scatter(xs, ys, s=6, color=group_colour(g, num_colours), label=f'group {g}')
+        ax.set_xlim(0, image.shape[1])
+        ax.set_ylim(image.shape[0], 0)
+        ax.set_title(f'stage {stage + 1}: deformed keys')
+        ax.axis('off')
+        ax.legend(loc='lower right', fontsize=7, markerscale=2)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description='Draw DAT deformable sampling points over an image')
-    parser.add_argument('config')
-    parser.add_argument('image')
+    parser.add_argument('config', help='a config whose model has a DAT backbone')
+    parser.add_argument('image', help='the image to draw on')
     parser.add_argument('--checkpoint', help='trained weights (mmdat / mmengine checkpoint)')
-    parser.add_argument('--out', default='sampling_points.png')
-    parser.add_argument('--stages', type=int, nargs='+', default=[2, 3])
+    parser.add_argument('--out', default='sampling_points.png', help='the picture to write')
+    parser.add_argument('--stages', type=int, nargs='+', default=[2, 3],
+                        help='0-based stages to draw, one panel each (their last D block)')
     parser.add_argument('--max-side', type=int, default=1333, help='resize so the longer side is at most this')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='config overrides, key=value')
     args = parser.parse_args(argv)
 
     import mmcv
@@ -100,19 +127,9 @@ def main(argv=None):
     backbone, mean, std = load_backbone(args.config, args.checkpoint, args.cfg_options)
     points = sampling_points(backbone, image, mean, std, args.stages)
 
-    fig, axes = plt.subplots(1, len(args.stages), figsize=(6 * len(args.stages), 6), squeeze=False)
-    for ax, stage in zip(axes[0], args.stages):
-        ax.imshow(image)
-        colours = plt.cm.tab10(np.linspace(0, 1, max(len(points[stage]), 2)))
-        for g, (xs, ys) in enumerate(points[stage]):
-            ax.scatter(xs, ys, s=6, color=colours[g % 10], label=f'group {g}')
-        ax.set_xlim(0, image.shape[1])
-        ax.set_ylim(image.shape[0], 0)
-        ax.set_title(f'stage {stage + 1}: deformed keys')
-        ax.axis('off')
-    axes[0][-1].legend(loc='lower right', fontsize=7, markerscale=2)
-    fig.tight_layout()
+    fig = draw_sampling_points(image, points, args.stages)
     fig.savefig(args.out, dpi=120)
+    plt.close(fig)
     print(f'wrote {args.out}')
 
 
