@@ -16,6 +16,7 @@ from ..layers import (ConvMlp, DeformableAttention, LayerNorm2d, Mlp, Neighborho
 from ..layers.deformable_attention import FLAVORS, _pair
 from ..layers.drop_path import DropPathResidual
 from ..layers.residual_dwconv import residual_dwconv
+from ...ops.config import check_attn_impl
 
 SPEC_LETTERS = {
     'L': 'window attention',
@@ -211,7 +212,12 @@ class DAT(BaseModule):
             output norms; -1 freezes nothing.
         with_cp: Activation checkpointing of every block.
         check_finite: Reject inputs holding NaN / Inf with a clear error. ``None`` checks on
-            CPU only: on an accelerator the check forces a host sync on every forward.
+            CPU only: on an accelerator the check forces a host sync on every forward. Inside
+            ``torch.compile`` / ``torch.export`` graphs it is an in-graph assertion.
+        attn_impl: Path of every attention layer: ``'fast'`` (default: the ops of
+            :mod:`mmdat.ops` for the input's device) or ``'reference'`` (the official
+            formulations); both compute the same function. The layers keep it as their
+            ``attn_impl`` attribute; ``mmdat.ops.attention_impl`` overrides it for a block of code.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads official DAT / DAT++
             checkpoints (classification, DAT-Detection, DAT-Segmentation) or mmdat's own.
     """
@@ -227,6 +233,7 @@ class DAT(BaseModule):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  check_finite: Optional[bool] = None,
+                 attn_impl: str = 'fast',
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = s = resolve_arch(arch)
@@ -239,6 +246,7 @@ class DAT(BaseModule):
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.check_finite = check_finite
+        self.attn_impl = check_attn_impl(attn_impl)
         dims = s['embed_dims']
 
         if s['overlapping_patches']:
@@ -275,13 +283,15 @@ class DAT(BaseModule):
     def _attention(self, letter: str, stage: int, table: Optional[int], attn_drop: float, proj_drop: float):
         s = self.arch_settings
         dims, heads = s['embed_dims'][stage], s['num_heads'][stage]
+        impl = self.attn_impl
         if letter in 'LS':
-            return WindowAttention(dims, heads, s['window_size'], letter == 'S', attn_drop, proj_drop)
+            return WindowAttention(dims, heads, s['window_size'], letter == 'S', attn_drop, proj_drop, attn_impl=impl)
         if letter == 'N':
-            return NeighborhoodAttention(dims, heads, s['neighborhood_size'], attn_drop, proj_drop)
+            return NeighborhoodAttention(dims, heads, s['neighborhood_size'], attn_drop, proj_drop, attn_impl=impl)
         return DeformableAttention(
             dims, heads, s['groups'][stage], s['key_strides'][stage], s['offset_kernel_sizes'][stage],
-            s['offset_range_factors'][stage], (table, table) if table else None, s['flavor'], attn_drop, proj_drop)
+            s['offset_range_factors'][stage], (table, table) if table else None, s['flavor'], attn_drop, proj_drop,
+            attn_impl=impl)
 
     @staticmethod
     def _init_layer(m: nn.Module):
@@ -325,7 +335,9 @@ class DAT(BaseModule):
         # A non-finite input poisons every feature map, the loss and, after one step, the weights.
         check = self.check_finite
         if check or (check is None and x.device.type == 'cpu'):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            if x.is_floating_point() and torch.compiler.is_compiling():  # no host sync in a graph
+                torch._assert_async(torch.isfinite(x).all(), 'DAT input holds NaN or Inf values')
+            elif x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
                 raise ValueError(
                     f'DAT input of shape {tuple(x.shape)} holds {nan} NaN and {inf} Inf values; check the '

@@ -1,58 +1,28 @@
-import contextlib
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
-from . import deformable_attention_ops as ops
+from ...ops import config
+from ...ops import deformable as deformable_ops
+from ...ops.deformable.reference import axis_grid as _axis_grid
+from ...ops.deformable.reference import grid as _grid
+from ...ops.deformable.reference import size_max
 from .norm import LayerNorm2d
 
 FLAVORS = ('v1', 'pp')
-ATTN_IMPLS = ('fast', 'reference')
-_impl_override: Optional[str] = None
+ATTN_IMPLS = config.ATTN_IMPLS
 
 
-@contextlib.contextmanager
 def deformable_attention_impl(impl: str) -> Iterator[None]:
-    """Within the block, every ``DeformableAttention`` uses ``impl`` whatever its
-    ``attn_impl``: ``'fast'`` (tiled, see ``deformable_attention_ops``) or ``'reference'``
-    (the official formulation, which materialises the logits and the bias)."""
-    global _impl_override
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
-    previous, _impl_override = _impl_override, impl
-    try:
-        yield
-    finally:
-        _impl_override = previous
+    """Within the block, every ``DeformableAttention`` uses ``impl`` (``'fast'`` or
+    ``'reference'``) whatever its ``attn_impl``: ``config.attention_impl(impl, 'deformable')``."""
+    return config.attention_impl(impl, 'deformable')
 
 
 def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def _axis_grid(n: int, centered: bool, flavor: str, device, dtype) -> torch.Tensor:
-    """Normalised coordinates in [-1, 1] of ``n`` positions along one axis.
-
-    ``centered`` positions sit at pixel centres ``i + 0.5`` (reference points), otherwise at
-    ``i`` (query grid). v1 divides by ``n`` (query grid: also centres); ++ by ``n - 1``. An axis
-    of length 1, where ++ would divide by zero, maps to 0.
-    """
-    i = torch.arange(n, device=device, dtype=dtype)
-    if flavor == 'v1':
-        return (i + 0.5) / n * 2 - 1
-    if n == 1:
-        return torch.zeros(1, device=device, dtype=dtype)
-    return ((i + 0.5) if centered else i) / (n - 1) * 2 - 1
-
-
-def _grid(h: int, w: int, centered: bool, flavor: str, device, dtype) -> torch.Tensor:
-    """``h x w x 2`` grid of normalised ``(y, x)``."""
-    ys = _axis_grid(h, centered, flavor, device, dtype)
-    xs = _axis_grid(w, centered, flavor, device, dtype)
-    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
 
 
 class OffsetNetwork(nn.Module):
@@ -109,13 +79,13 @@ class DeformableAttention(nn.Module):
             dense-prediction code): how reference points, query grid and offset range are scaled.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
-        attn_impl: ``'fast'`` (default): the tiled computation of
-            ``deformable_attention_ops``, which never materialises the logits, the bias or
-            the displacement grid; ``'reference'``: the official formulation. Both compute the
-            same function. The fast path is used unless the module is traced (so that jit-based
-            FLOP counters see the reference ops) or attention dropout is active in training
-            (the reference path then runs). Also a plain attribute; the context manager
-            ``deformable_attention_impl`` overrides it for every module.
+        attn_impl: ``'fast'`` (default): the op of :mod:`mmdat.ops.deformable` for the
+            tensor's device, which never materialises the logits, the bias or the
+            displacement grid; ``'reference'``: the official formulation. Both compute the
+            same function; :func:`mmdat.ops.config.choose_backend` picks the path (the
+            reference one while jit-tracing, so that FLOP counters see its ops, and while
+            attention dropout is active in training). Also a plain attribute;
+            ``mmdat.ops.attention_impl`` overrides it for every module.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, groups: int,
@@ -126,9 +96,7 @@ class DeformableAttention(nn.Module):
         super().__init__()
         if flavor not in FLAVORS:
             raise ValueError(f'flavor must be one of {FLAVORS}, got {flavor!r}')
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
-        self.attn_impl = attn_impl
+        self.attn_impl = config.check_attn_impl(attn_impl)
         if num_heads % groups or embed_dims % num_heads:
             raise ValueError(f'deformable attention needs embed_dims ({embed_dims}) divisible by num_heads '
                              f'({num_heads}) and num_heads divisible by groups ({groups})')
@@ -163,11 +131,10 @@ class DeformableAttention(nn.Module):
         s = self.offset_range_factor
         bounded = s > 0 if self.flavor == 'v1' else s >= 0
         if bounded:
-            if self.flavor == 'v1':
-                cells = (1.0 / Hk, 1.0 / Wk)
-            else:
-                cells = (1.0 / max(Hk - 1, 1), 1.0 / max(Wk - 1, 1))
-            offset = offset.tanh() * offset.new_tensor(cells).view(1, 2, 1, 1) * s
+            # a key-grid cell in normalised units: 1 / n (v1) or 1 / (n - 1) (++)
+            cells = (Hk, Wk) if self.flavor == 'v1' else (size_max(Hk - 1, 1), size_max(Wk - 1, 1))
+            offset = offset.tanh() * s
+            offset = torch.cat([offset[:, :1] / cells[0], offset[:, 1:] / cells[1]], 1)
         pos = offset.permute(0, 2, 3, 1) + _grid(Hk, Wk, True, self.flavor, offset.device, offset.dtype)
         if s >= 0:
             return pos
@@ -175,19 +142,14 @@ class DeformableAttention(nn.Module):
 
     def position_bias(self, pos: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """``(B*M) x HW x Ns`` bias read from the table at each query-key displacement."""
-        BG, Hk, Wk, _ = pos.shape
-        q_grid = _grid(H, W, False, self.flavor, pos.device, pos.dtype).reshape(1, H * W, 1, 2)
-        displacement = (q_grid - pos.reshape(BG, 1, Hk * Wk, 2)) * 0.5
-        table = self.relative_position_table
-        table = table.reshape(1, self.groups, -1, *table.shape[-2:]).expand(BG // self.groups, -1, -1, -1, -1)
-        bias = F.grid_sample(table.reshape(BG, -1, *table.shape[-2:]).to(pos.dtype), displacement.flip(-1),
-                             mode='bilinear', align_corners=True)  # (B*G) x M/G x HW x Ns
-        return bias.reshape(-1, H * W, Hk * Wk)
+        qy, qx = (_axis_grid(n, False, self.flavor, pos.device, pos.dtype) for n in (H, W))
+        return deformable_ops.reference.position_bias(pos, self.relative_position_table, qy, qx, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         G, M = self.groups, self.num_heads
-        fast = self._use_fast_path()
+        backend = config.choose_backend('deformable', self.attn_impl, x, self.training and self.attn_drop.p > 0)
+        fast = backend != 'reference'
         q = _conv1x1(self.q, x, channels_last=False) if fast else self.q(x)
         offset = self.offset(q.reshape(B * G, C // G, H, W))
         if torch.is_autocast_enabled(x.device.type):  # sampling positions in float32
@@ -196,31 +158,30 @@ class DeformableAttention(nn.Module):
         Hk, Wk = pos.shape[1:3]
         Ns = Hk * Wk
 
-        sampled = F.grid_sample(x.reshape(B * G, C // G, H, W), pos.flip(-1), mode='bilinear',
-                                align_corners=True).reshape(B, C, 1, Ns)
+        sampled = torch.nn.functional.grid_sample(x.reshape(B * G, C // G, H, W), pos.flip(-1), mode='bilinear',
+                                                  align_corners=True).reshape(B, C, 1, Ns)
         k = self.k(sampled).reshape(B * M, self.head_dims, Ns)
         v = self.v(sampled).reshape(B * M, self.head_dims, Ns)
+        qy = _axis_grid(H, False, self.flavor, x.device, pos.dtype)
+        qx = _axis_grid(W, False, self.flavor, x.device, pos.dtype)
         if fast:
-            qy = _axis_grid(H, False, self.flavor, x.device, pos.dtype)
-            qx = _axis_grid(W, False, self.flavor, x.device, pos.dtype)
             # the scale on the Ns keys, not on the H*W queries
-            out = ops.deformable_attention(q.reshape(B * M, self.head_dims, H, W), k * self.scale, v,
-                                           pos.reshape(B * G, Ns, 2), self.relative_position_table, qy, qx, G)
+            out = deformable_ops.deformable_attention(backend, q.reshape(B * M, self.head_dims, H, W), k * self.scale,
+                                                      v, pos.reshape(B * G, Ns, 2), self.relative_position_table,
+                                                      qy, qx, G)
             return self.proj_drop(_conv1x1(self.proj, out.reshape(B, C, H, W), channels_last=True))
-        q = q.reshape(B * M, self.head_dims, H * W)
-        attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale
-        if self.relative_position_table is not None:
-            attn = attn + self.position_bias(pos, H, W)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = torch.einsum('bmn,bcn->bcm', attn, v).reshape(B, C, H, W)
+        out = deformable_ops.reference.deformable_attention(
+            q.reshape(B * M, self.head_dims, H, W), k, v, pos, self.relative_position_table, qy, qx, G,
+            self.scale, self.attn_drop)
         # a 1x1 conv on a channels-last map runs several times faster on CPU than on NCHW
-        return self.proj_drop(self.proj(out.contiguous(memory_format=torch.channels_last)))
+        return self.proj_drop(self.proj(out.reshape(B, C, H, W).contiguous(memory_format=torch.channels_last)))
 
-    def _use_fast_path(self) -> bool:
-        impl = _impl_override or self.attn_impl
-        if impl != 'fast' or torch.jit.is_tracing() or torch.jit.is_scripting():
-            return False
-        return not (self.training and self.attn_drop.p > 0)
+    def _use_fast_path(self, x: Optional[torch.Tensor] = None) -> bool:
+        """Whether ``forward`` runs an op rather than the reference formulation (on ``x``'s
+        device, default CPU)."""
+        x = self.q.weight if x is None else x
+        return config.choose_backend('deformable', self.attn_impl, x,
+                                     self.training and self.attn_drop.p > 0) != 'reference'
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, groups={self.groups}, key_stride={self.key_stride}, '
