@@ -13,7 +13,7 @@ the outputs there are dropped.
 Imports torch only.
 """
 import functools
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,13 @@ def _window_starts(n: int, kernel_size: int, device) -> torch.Tensor:
     return (torch.arange(n, device=device) - kernel_size // 2).clamp(0, n - kernel_size)
 
 
-def _tile_blocks(n: int, tile: int, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """First and last key tile the windows of each query tile reach along one axis."""
-    starts = _window_starts(n, kernel_size, 'cpu')
-    first_query = torch.arange(0, n, tile)
-    last_query = (first_query + tile - 1).clamp(max=n - 1)
-    return starts[first_query] // tile, (starts[last_query] + kernel_size - 1) // tile
+def _key_tiles(n: int, tile: int, kernel_size: int) -> List[Tuple[int, int]]:
+    """First and last key tile the windows of each query tile reach along an axis of ``n``
+    (Python ints: no tensor, no host sync, also while Dynamo traces)."""
+    def start(i):
+        return min(max(i - kernel_size // 2, 0), n - kernel_size)
+
+    return [(start(i) // tile, (start(min(i + tile, n) - 1) + kernel_size - 1) // tile) for i in range(0, n, tile)]
 
 
 class TiledNeighborhood:
@@ -77,23 +78,16 @@ class TiledNeighborhood:
         return in_window
 
     def _block_mask(self, device) -> BlockMask:
-        th, tw = TILE
-        nty, ntx = self.tiles
-        y0, y1 = _tile_blocks(self.H, th, self.kernel_size)  # (nty,)
-        x0, x1 = _tile_blocks(self.W, tw, self.kernel_size)  # (ntx,)
-        ny, nx = int((y1 - y0).max()) + 1, int((x1 - x0).max()) + 1
-        ky = y0[:, None] + torch.arange(ny)  # (nty, ny), past y1: not used
-        kx = x0[:, None] + torch.arange(nx)
-        valid = (ky <= y1[:, None])[:, None, :, None] & (kx <= x1[:, None])[None, :, None, :]
-        index = (ky[:, None, :, None] * ntx + kx[None, :, None, :]).expand(nty, ntx, ny, nx)
-        # each query tile's key tiles first, in order, then padding
-        order = torch.argsort((~valid).reshape(nty * ntx, -1).to(torch.int8), dim=1, stable=True)
-        kv_indices = torch.gather(index.reshape(nty * ntx, -1), 1, order)
-        kv_num_blocks = valid.reshape(nty * ntx, -1).sum(1)
-        kv_indices = torch.where(torch.arange(ny * nx) < kv_num_blocks[:, None], kv_indices, 0)
-        L = nty * ntx * BLOCK
-        return BlockMask.from_kv_blocks(kv_num_blocks.to(torch.int32).view(1, 1, -1).to(device),
-                                        kv_indices.to(torch.int32).view(1, 1, nty * ntx, -1).to(device),
+        (th, tw), (nty, ntx), k = TILE, self.tiles, self.kernel_size
+        blocks = [[y * ntx + x for y in range(y0, y1 + 1) for x in range(x0, x1 + 1)]
+                  for y0, y1 in _key_tiles(self.H, th, k) for x0, x1 in _key_tiles(self.W, tw, k)]
+        n = nty * ntx
+        kv_num_blocks = torch.tensor([len(b) for b in blocks], dtype=torch.int32, device=device)
+        # one row per query tile, as wide as there are key tiles (BlockMask transposes it
+        # for the backward assuming that width): the listed tiles first, then zeros
+        kv_indices = torch.tensor([b + [0] * (n - len(b)) for b in blocks], dtype=torch.int32, device=device)
+        L = n * BLOCK
+        return BlockMask.from_kv_blocks(kv_num_blocks.view(1, 1, n), kv_indices.view(1, 1, n, n),
                                         BLOCK_SIZE=BLOCK, mask_mod=self.mask_mod(), seq_lengths=(L, L))
 
     def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
