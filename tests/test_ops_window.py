@@ -25,8 +25,11 @@ def _operands(B, size, heads, d, w, dtype=torch.double, seed=0):
 @needs_kernels
 @pytest.mark.parametrize('case', CASES, ids=lambda c: f'{c[1][0]}x{c[1][1]}-w{c[4]}-s{c[5]}')
 def test_opcheck(case):
+    """Also with the table as the module passes it: its parameter transposed (not contiguous)."""
     B, size, heads, d, w, s = case
-    args = [t.requires_grad_() for t in _operands(B, size, heads, d, w)] + [heads, w, s, d ** -0.5]
+    qkv, bias, table = _operands(B, size, heads, d, w)
+    args = [qkv.requires_grad_(), bias.requires_grad_(), table.t().contiguous().requires_grad_().t()]
+    args += [heads, w, s, d ** -0.5]
     torch.library.opcheck(cpu.window_attention_forward, args)
 
 

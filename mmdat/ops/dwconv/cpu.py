@@ -73,7 +73,7 @@ def residual_dwconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 @residual_dwconv_forward.register_fake
 def _(x, weight, bias, gelu):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op('mmdat::residual_dwconv_backward', mutates_args=())
@@ -89,8 +89,7 @@ def residual_dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: to
 
 @residual_dwconv_backward.register_fake
 def _(grad_out, x, weight, bias, gelu):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(bias))
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 def _dwconv_setup_context(ctx, inputs, output):
@@ -159,8 +158,7 @@ def conv_mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
 
 @conv_mlp_backward.register_fake
 def _(grad_out, x, w1, b1, dw_weight, dw_bias, w2):
-    return (x.new_empty(x.shape), torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(dw_weight),
-            torch.empty_like(dw_bias), torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+    return tuple(t.new_empty(t.shape) for t in (x, w1, b1, dw_weight, dw_bias, w2)) + (w2.new_empty(w2.shape[0]), )
 
 
 def _mlp_setup_context(ctx, inputs, output):

@@ -96,8 +96,7 @@ def neighborhood_attention_backward(grad_out: torch.Tensor, x: torch.Tensor, wei
 
 @neighborhood_attention_backward.register_fake
 def _(grad_out, x, weight, bias, table, out, lse, num_heads, kernel_size, scale):
-    return (x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(bias),
-            torch.empty_like(table, memory_format=torch.contiguous_format))
+    return tuple(t.new_empty(t.shape) for t in (x, weight, bias, table))
 
 
 def _setup_context(ctx, inputs, output):

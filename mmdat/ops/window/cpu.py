@@ -67,7 +67,7 @@ def window_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bia
 
 @window_attention_backward.register_fake
 def _(grad_out, qkv, qkv_bias, table, out, lse, num_heads, window_size, shift_size, scale):
-    return torch.empty_like(qkv), torch.empty_like(qkv_bias), torch.empty_like(table)
+    return qkv.new_empty(qkv.shape), qkv_bias.new_empty(qkv_bias.shape), table.new_empty(table.shape)
 
 
 def _setup_context(ctx, inputs, output):
