@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 
-from mmdat.models.layers.neighborhood_attention import neighborhood_attention as neighborhood_reference
 from mmdat.ops.deformable import reference as deformable_reference
 from mmdat.ops.deformable.cuda import deformable_attention_flex, deformable_attention_sdpa_bias
 from mmdat.ops.neighborhood.cuda import BLOCK, neighborhood_attention_flex, tiled_neighborhood
+from mmdat.ops.neighborhood.reference import neighborhood_attention as neighborhood_reference
 from mmdat.ops.window import reference as window_reference
 from mmdat.ops.window.cuda import window_attention_sdpa
 
