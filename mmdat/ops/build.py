@@ -29,8 +29,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .config import cache_dir
-from .config import native_ops_enabled as enabled
+from .config import cache_dir, native_ops_enabled as enabled
 
 CSRC_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 

@@ -1,5 +1,4 @@
 import functools
-import importlib.util
 import warnings
 from typing import Optional
 
@@ -9,14 +8,8 @@ import torch.nn.functional as F
 from torch.nn.init import trunc_normal_
 
 from mmdat.ops.config import check_attn_impl, choose_backend
-from mmdat.ops.neighborhood import cpu as na_cpu
-from mmdat.ops.neighborhood import reference as na_reference
+from mmdat.ops.neighborhood import cpu as na_cpu, cuda as na_cuda, reference as na_reference
 from mmdat.ops.neighborhood.reference import neighborhood_attention  # noqa: F401 (the formulation's old home)
-
-if importlib.util.find_spec('mmdat.ops.neighborhood.cuda') is not None:  # the CUDA op, once it exists
-    from mmdat.ops.neighborhood import cuda as na_cuda
-else:
-    na_cuda = None
 
 
 class NeighborhoodAttention(nn.Module):
@@ -60,8 +53,7 @@ class NeighborhoodAttention(nn.Module):
         """``'natten'``, ``'cpu'``, ``'cuda'`` or ``'reference'``: the op that runs on ``x``."""
         if self.use_natten is not False and _natten_usable(self.kernel_size):
             return 'natten'
-        backend = choose_backend('neighborhood', self.attn_impl, x, dropout=self.training and self.attn_drop.p > 0)
-        return 'reference' if backend == 'cuda' and na_cuda is None else backend
+        return choose_backend('neighborhood', self.attn_impl, x, dropout=self.training and self.attn_drop.p > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -1,4 +1,3 @@
-import importlib.util
 import math
 
 import torch
@@ -6,13 +5,7 @@ import torch.nn as nn
 from torch.nn.init import trunc_normal_
 
 from mmdat.ops.config import check_attn_impl, choose_backend
-from mmdat.ops.window import cpu as window_cpu
-from mmdat.ops.window import reference as window_reference
-
-if importlib.util.find_spec('mmdat.ops.window.cuda') is not None:  # the CUDA op, once it exists
-    from mmdat.ops.window import cuda as window_cuda
-else:
-    window_cuda = None
+from mmdat.ops.window import cpu as window_cpu, cuda as window_cuda, reference as window_reference
 
 
 class WindowAttention(nn.Module):
@@ -53,8 +46,7 @@ class WindowAttention(nn.Module):
 
     def backend(self, x: torch.Tensor) -> str:
         """``'reference'``, ``'cpu'`` or ``'cuda'``: the op that runs on ``x``."""
-        backend = choose_backend('window', self.attn_impl, x, dropout=self.training and self.attn_drop.p > 0)
-        return 'reference' if backend == 'cuda' and window_cuda is None else backend
+        return choose_backend('window', self.attn_impl, x, dropout=self.training and self.attn_drop.p > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x.permute(0, 2, 3, 1))

@@ -299,10 +299,10 @@ def _tiled_forward(q, k, v, table, kernel_size: int, tile: int):
         m = S.amax(-1, keepdim=True)
         S.sub_(m).clamp_min_(_EXP_FLOOR).exp_()
         _per_pattern(S, step, tl, B, nh, masks, torch.Tensor.mul_)
-        l = S.sum(-1, keepdim=True)
+        total = S.sum(-1, keepdim=True)
         torch.bmm(S, vr, out=o)
-        _scatter_step(o.div_(l), out, step, tl)
-        _scatter_step(m.add_(l.log_()), lse, step, tl)
+        _scatter_step(o.div_(total), out, step, tl)
+        _scatter_step(m.add_(total.log_()), lse, step, tl)
     return out[:, :H, :W].reshape(B, nh, H, W, d).contiguous(), lse[:, :H, :W].reshape(B, nh, H, W).contiguous()
 
 
