@@ -106,16 +106,70 @@ def test_official_layout_converts_and_counts(keys, params, name):
 @pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
 @pytest.mark.parametrize('size', [(64, 64), (96, 160), (100, 150), (37, 290), (16, 16)])
 def test_output_shapes_any_size(arch, size):
-    """Any input size gives stride-4..32 maps of ceil(H / stride), each normed."""
+    """Any input size gives stride-4..32 maps, each normed, of the official sizes: DAT++'s
+    overlapping k3 s2 p1 convs give ceil(H / stride), v1's k4 s4 stem and k2 s2 downsampling
+    floor(H / stride) (and need 32 pixels a side for 4 stages)."""
     model = DAT(arch).eval()
+    x = torch.randn(1, 3, *size)
+    rounding = math.ceil if arch['preset'].startswith('pp') else math.floor
+    if rounding(min(size) / 32) == 0:
+        with pytest.raises(ValueError, match=r'4 stages need an input of at least 32 pixels a side, got \(16, 16\)'):
+            model(x)
+        return
     with torch.no_grad():
-        outs = model(torch.randn(1, 3, *size))
+        outs = model(x)
     assert len(outs) == 4
     for i, out in enumerate(outs):
         stride = 4 * 2 ** i
-        assert out.shape == (1, arch['embed_dims'][i], math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        assert out.shape == (1, arch['embed_dims'][i], rounding(size[0] / stride), rounding(size[1] / stride))
         assert torch.isfinite(out).all()
         assert out.is_contiguous()  # NCHW memory: mmcv's ops (e.g. CPU RoIAlign) read it as such
+
+
+ODD_SIZE_FIXTURE = osp.join(REPO, 'tests', 'data', 'official_odd_size.pth')
+
+
+@pytest.mark.parametrize('name', ['v1_nano_det_224x288.pth', 'pp_nano_det_256x320.pth'], ids=['v1', 'pp'])
+def test_official_parity_at_an_odd_size(name):
+    """tests/data/official_odd_size.pth: the official DAT-Detection backbone (made with
+    tests/data/make_odd_size_fixture.py) with the weights of the shared fixture `name`, at
+    232x168. The v1 stem and downsampling floor (stage maps 58x42, 29x21, 14x10, 7x5), the
+    DAT++ convs round up (..., 15x11, 8x6); mmdat gives the same maps and values."""
+    path = osp.join(fixtures_dir(), name)
+    if not osp.isfile(path):
+        pytest.skip(f'no parity fixture {path}')
+    odd = torch.load(ODD_SIZE_FIXTURE, map_location='cpu', weights_only=True)
+    fixture = torch.load(path, map_location='cpu', weights_only=True)
+    model = DAT(**official_arch(fixture['config'], fixture['flavor']), init_cfg=dict(type='Pretrained', checkpoint=path))
+    model.init_weights()
+    with torch.no_grad():
+        outs = model.eval()(odd['input'])
+    expected = odd['outputs'][name]
+    assert [tuple(o.shape[-2:]) for o in outs] == [tuple(e.shape[-2:]) for e in expected]
+    assert _max_diff(outs, expected) <= TOL
+
+
+def test_v1_flavour_floors_as_the_official_convs():
+    """The v1 classifier's formulas (flavor v1) have no official code at other sizes than the
+    construction size; the stem and downsampling arithmetic is the official one: an input
+    of 234x170 gives exactly what its 232x168 crop gives (k4 s4 reads rows 0..231), and each
+    2x2 downsampling reads the even-sized top-left part of the previous stage (29x21 -> 14x10)."""
+    model = DAT(NANO_V1).eval()
+    x = torch.randn(1, 3, 234, 170)
+    seen = {}
+    for i in (1, 2, 3):
+        model.stages[i].downsample.register_forward_hook(
+            lambda module, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+    with torch.no_grad():
+        outs = model.forward_stages(x)
+        cropped = model.forward_stages(x[..., :232, :168].contiguous())
+    assert [tuple(o.shape[-2:]) for o in outs] == [(58, 42), (29, 21), (14, 10), (7, 5)]
+    assert _max_diff(outs, cropped) <= 1e-5
+    for i, (before, after) in seen.items():
+        conv, norm = model.stages[i].downsample[1:]
+        h, w = before.shape[-2] // 2 * 2, before.shape[-1] // 2 * 2
+        reference = norm(torch.nn.functional.conv2d(before[..., :h, :w], conv.weight, stride=2))
+        assert torch.allclose(after, reference, atol=1e-6), i
 
 
 @pytest.mark.parametrize('scope,registry', [('mmdet', 'mmdet.registry'), ('mmseg', 'mmseg.registry'),
@@ -288,3 +342,39 @@ def test_converter_tool_reports_bad_input(tmp_path):
     result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'model_converters', 'dat2mmdat.py'),
                              str(bad), str(tmp_path / 'out.pth')], capture_output=True, text=True)
     assert result.returncode != 0 and 'cannot convert' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_official_detector_checkpoint_loads_through_tools_test(tmp_path):
+    """`tools/test.py CONFIG OFFICIAL_CKPT`: an official DAT-Detection checkpoint (backbone keys
+    in the official layout under `backbone.`, the neck's and heads' as they are) becomes
+    `load_from` through a converted copy that MMEngine's loader reads key for key (strict),
+    and the backbone then gives the official features; mmdat's own checkpoints pass as they are."""
+    import importlib.util
+    from mmengine.runner import load_checkpoint
+    path = osp.join(fixtures_dir(), 'pp_nano_det_256x320.pth')
+    if not osp.isfile(path):
+        pytest.skip(f'no parity fixture {path}')
+    fixture = torch.load(path, map_location='cpu', weights_only=True)
+    neck = torch.nn.Conv2d(32, 8, 1)
+    official = {f'backbone.{k}': v for k, v in fixture['state_dict'].items()}
+    official.update({f'neck.{k}': v for k, v in neck.state_dict().items()})
+    src = str(tmp_path / 'official_detector.pth')
+    torch.save({'state_dict': official, 'meta': {}}, src)
+
+    spec = importlib.util.spec_from_file_location('mmdat_test_tool', osp.join(REPO, 'tools', 'test.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = osp.join(REPO, 'configs', 'mask_rcnn_datpp_t_3x.py')
+    cfg = tool.build_config(tool.parse_args([config, src, '--work-dir', str(tmp_path / 'work')]))
+    assert cfg.load_from == str(tmp_path / 'work' / 'official_detector_mmdat.pth')
+
+    detector = torch.nn.Module()
+    detector.backbone = DAT(**official_arch(fixture['config'], fixture['flavor']))
+    detector.neck = torch.nn.Conv2d(32, 8, 1)
+    load_checkpoint(detector, cfg.load_from, strict=True)
+    assert torch.equal(detector.neck.weight, neck.weight)
+    with torch.no_grad():
+        assert _max_diff(detector.backbone.eval()(fixture['input']), fixture['outputs']) <= TOL
+
+    from mmdat.models.backbones.dat_checkpoint import checkpoint_for_loading
+    assert checkpoint_for_loading(cfg.load_from, str(tmp_path / 'w2')) == cfg.load_from

@@ -18,6 +18,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mmdat.models.backbones.dat_checkpoint import checkpoint_for_loading  # noqa: E402
 from mmdat.utils.launch import load_config, resolve_default_scope, setup_cpu_distributed  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def _enable_drawing(cfg: Config, scope: str, show_dir: str) -> None:
 
 def build_config(args) -> Config:
     cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
-    cfg.load_from = args.checkpoint
+    # official DAT / DAT-Detection / DAT-Segmentation checkpoints load unconverted (renamed on the way)
+    cfg.load_from = checkpoint_for_loading(args.checkpoint, cfg.work_dir)
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
             raise RuntimeError('--tta needs `tta_model` and `tta_pipeline` in the config')

@@ -4,7 +4,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
@@ -179,23 +178,31 @@ class DATStage(nn.Module):
         return self.blocks(x)
 
 
-class PadToMultiple(nn.Module):
-    """Zero-pads the bottom and right of a map to a multiple of ``size``."""
+class CropToMultiple(nn.Module):
+    """Drops the bottom rows and right columns beyond a multiple of ``size``.
+
+    They are what a ``size`` x ``size`` convolution of stride ``size`` does not reach: the
+    official non-overlapping stem (k4 s4) and v1 downsampling (k2 s2) floor the map size.
+    """
 
     def __init__(self, size: int):
         super().__init__()
         self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, (-x.shape[-1]) % self.size, 0, (-x.shape[-2]) % self.size))
+        h, w = x.shape[-2:]
+        return x[..., :h - h % self.size, :w - w % self.size]  # a view; the whole map when it fits
 
 
 @MODELS.register_module()
 class DAT(BaseModule):
     """Deformable Attention Transformer: multi-scale backbone of DAT (v1) and DAT++.
 
-    Returns the stages in ``out_indices`` (strides 4, 8, 16, 32; sizes ``ceil(H / stride)``),
-    each through its own LayerNorm (``norm{i}``). Runs at any input size.
+    Returns the stages in ``out_indices`` (strides 4, 8, 16, 32), each through its own
+    LayerNorm (``norm{i}``). Runs at any input size, with the official size arithmetic:
+    overlapping patches (DAT++'s k3 s2 p1 convs) give maps of ``ceil(H / stride)``,
+    non-overlapping ones (v1's k4 s4 stem and k2 s2 downsampling) ``floor(H / stride)``
+    (the rows and columns beyond are dropped, so such inputs need ``H, W >= 32``).
 
     Args:
         arch: A preset of :data:`ARCH_SETTINGS` (``'v1-tiny'``, ``'v1-small'``, ``'v1-base'``,
@@ -254,7 +261,7 @@ class DAT(BaseModule):
                 nn.Conv2d(in_channels, dims[0] // 2, 3, 2, 1), LayerNorm2d(dims[0] // 2), nn.GELU(),
                 nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), LayerNorm2d(dims[0]))
         else:
-            self.stem = nn.Sequential(PadToMultiple(4), nn.Conv2d(in_channels, dims[0], 4, 4), LayerNorm2d(dims[0]))
+            self.stem = nn.Sequential(CropToMultiple(4), nn.Conv2d(in_channels, dims[0], 4, 4), LayerNorm2d(dims[0]))
 
         depths = [len(spec) for spec in s['stage_specs']]
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -265,7 +272,7 @@ class DAT(BaseModule):
                 if s['overlapping_patches']:
                     layers = [nn.Conv2d(dims[i - 1], dims[i], 3, 2, 1, bias=False)]
                 else:
-                    layers = [PadToMultiple(2), nn.Conv2d(dims[i - 1], dims[i], 2, 2, bias=False)]
+                    layers = [CropToMultiple(2), nn.Conv2d(dims[i - 1], dims[i], 2, 2, bias=False)]
                 downsample = nn.Sequential(*layers, LayerNorm2d(dims[i]))
             table = pretrain_img_size // (4 * 2 ** i) if s['position_tables'][i] else None
             blocks = [
@@ -346,6 +353,10 @@ class DAT(BaseModule):
     def forward_stages(self, x: torch.Tensor, num_stages: int = 4) -> List[torch.Tensor]:
         """Outputs of the first ``num_stages`` stages, before the output norms."""
         self._check_input(x)
+        if not self.arch_settings['overlapping_patches'] and min(x.shape[-2:]) < 4 * 2 ** (num_stages - 1):
+            raise ValueError(f'DAT with non-overlapping patches (the v1 stem) floors each stage\'s size: '
+                             f'{num_stages} stages need an input of at least {4 * 2 ** (num_stages - 1)} pixels '
+                             f'a side, got {tuple(x.shape[-2:])}')
         if x.device.type == 'cpu':
             # the stem's norms work channels-last, and so do the gradients they send to its convs:
             # from a channels-last image the stem runs 1.5-2x faster (fwd+bwd), with no layout copies

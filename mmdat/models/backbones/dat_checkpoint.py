@@ -108,6 +108,31 @@ def convert_checkpoint(checkpoint: dict) -> Dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_for_loading(path: str, out_dir: str) -> str:
+    """``path`` itself, or for an official checkpoint (classification, DAT-Detection,
+    DAT-Segmentation) a converted copy in ``out_dir``: what ``load_from`` / MMEngine's
+    ``load_checkpoint`` loads key for key into an mmdat model (they rename nothing).
+
+    The copy is ``out_dir/<name>_mmdat.pth``, reused while it is newer than ``path``.
+    """
+    if '://' in path or not os.path.isfile(path):
+        return path
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    sd = _unwrap(checkpoint)
+    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')} or sd
+    if not is_official_layout(backbone):
+        return path
+    name = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(out_dir, f'{name}_mmdat.pth')
+    if not (os.path.isfile(out) and os.path.getmtime(out) >= os.path.getmtime(path)):
+        os.makedirs(out_dir, exist_ok=True)
+        # each process of a distributed test writes its own file and renames it into place
+        tmp = f'{out}.{os.getpid()}.tmp'
+        torch.save({'state_dict': convert_checkpoint(checkpoint), 'meta': {'converted_from': path}}, tmp)
+        os.replace(tmp, out)
+    return out
+
+
 def extract_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
     """The backbone's weights in mmdat's layout (no prefix), plus any classifier ``head.*``."""
     return {k[len('backbone.'):] if k.startswith('backbone.') else k: v
