@@ -1,8 +1,9 @@
-# Cascade Mask R-CNN, DAT-T++, COCO 1x (12 epochs), 16 images per iteration.
-# DAT++ paper: box AP 52.2, mask AP 45.0. Official config: DAT-Detection cmrcn_tiny_1x_4n_dp00_lr4.
+# Cascade Mask R-CNN, DAT-T++, COCO 1x (12 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 52.2, mask AP 45.0.
+# Recipe: DAT-Detection configs/dat/cmrcn_tiny_1x_4n_dp00_lr4.py.
 _base_ = [
     '_base_/models/cascade_mask_rcnn_dat_fpn.py',
-    'mmdet::_base_/datasets/coco_instance.py',
+    '_base_/datasets/coco_instance_ms_crop.py',
     '_base_/schedules/dat_det_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]

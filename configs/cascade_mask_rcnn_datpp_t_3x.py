@@ -1,5 +1,6 @@
-# Cascade Mask R-CNN, DAT-T++, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
-# DAT++ paper: box AP 53.0, mask AP 46.0. Official config: DAT-Detection cmrcn_tiny_3x_4n_dp01_lr4.
+# Cascade Mask R-CNN, DAT-T++, COCO 3x (36 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 53.0, mask AP 46.0.
+# Recipe: DAT-Detection configs/dat/cmrcn_tiny_3x_4n_dp01_lr4.py.
 _base_ = [
     '_base_/models/cascade_mask_rcnn_dat_fpn.py',
     '_base_/datasets/coco_instance_ms_crop.py',

@@ -1,8 +1,9 @@
-# DAT-T++ on ImageNet-1K, 224x224, 300 epochs, 1024 images per iteration (16 GPUs x 64).
-# Paper: 24M, 4.3G; top-1 83.9.
+# DAT-T++ on ImageNet-1K, 224x224, 300 epochs, 1024 images per iteration (8 GPUs x 128).
+# DAT++ paper / DAT README: 24M, 4.3G; top-1 83.9.
+# Recipe: configs/dat_tiny.yaml of LeapLabTHU/DAT.
 _base_ = [
     '_base_/models/dat_in1k.py',
-    'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
+    '_base_/datasets/imagenet_dat.py',
     '_base_/schedules/dat_in1k_300e.py',
     'mmpretrain::_base_/default_runtime.py',
 ]

@@ -1,9 +1,10 @@
 # Semantic FPN, DAT-S++, ADE20K 512x512, the "80k" schedule (PVT: 80k x 16 images),
 # run as DAT-Segmentation does: 40k iterations of 32 images (8 GPUs x 4).
-# DAT++ paper: mIoU 49.9 / 50.7 (ms+flip). Official config: DAT-Segmentation fpn_small_160k_dp04_lr2.
+# DAT++ paper / DAT-Segmentation README: mIoU 49.9 / 50.7 (ms+flip).
+# Recipe: DAT-Segmentation configs/dat/fpn_small_80k_dp04_lr2.py.
 _base_ = [
     '_base_/models/fpn_dat.py',
-    'mmseg::_base_/datasets/ade20k.py',
+    '_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     '_base_/schedules/dat_seg_fpn_80k.py',
 ]

@@ -1,6 +1,7 @@
-# Mask R-CNN, DAT-S, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
+# Mask R-CNN, DAT-S, COCO 3x (36 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
 # Paper: 69M, 378G; box AP 49.0, mask AP 44.0 (FLOPs at 1280x800).
-# Recipe: DAT-Detection mrcn_small_3x_4n_dp05_lr4.
+# No official v1 recipe (DAT-Detection publishes DAT++ configs only): the recipe of its
+# configs/dat/mrcn_small_3x_4n_dp05_lr4.py with the v1 backbone; see configs/README.md.
 _base_ = [
     '_base_/models/mask_rcnn_dat_fpn.py',
     '_base_/datasets/coco_instance_ms_crop.py',
@@ -15,3 +16,8 @@ model = dict(
         arch=dict(preset='v1-small'),
         drop_path_rate=0.5,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_small_in1k_224.pth')))
+
+# The official key 'relative_position_bias_table' (no decay) names the window attention
+# tables of v1's L / S blocks
+optim_wrapper = dict(
+    paramwise_cfg=dict(custom_keys={'relative_position_bias_table': dict(decay_mult=0.)}))

@@ -1,8 +1,9 @@
-# Mask R-CNN, DAT-T++, COCO 1x (12 epochs), 16 images per iteration.
-# DAT++ paper: 301G (cited); box AP 48.7, mask AP 43.7. Official config: DAT-Detection mrcn_tiny_1x_4n_dp00_lr4.
+# Mask R-CNN, DAT-T++, COCO 1x (12 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 48.7, mask AP 43.7; 301G (cited).
+# Recipe: DAT-Detection configs/dat/mrcn_tiny_1x_4n_dp00_lr4.py.
 _base_ = [
     '_base_/models/mask_rcnn_dat_fpn.py',
-    'mmdet::_base_/datasets/coco_instance.py',
+    '_base_/datasets/coco_instance_ms_crop.py',
     '_base_/schedules/dat_det_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]
@@ -13,4 +14,5 @@ model = dict(
         arch='pp-tiny',
         drop_path_rate=0.0,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+    # P6 is a stride-2 conv on C5, as DAT-Detection's Mask R-CNN (neck.fpn_convs.4)
+    neck=dict(in_channels=[64, 128, 256, 512], add_extra_convs='on_input'))

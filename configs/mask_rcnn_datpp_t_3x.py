@@ -1,5 +1,6 @@
-# Mask R-CNN, DAT-T++, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
-# DAT++ paper: 301G (cited); box AP 50.5, mask AP 45.1. Official config: DAT-Detection mrcn_tiny_3x_4n_dp03_lr4.
+# Mask R-CNN, DAT-T++, COCO 3x (36 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 50.5, mask AP 45.1; 301G (cited).
+# Recipe: DAT-Detection configs/dat/mrcn_tiny_3x_4n_dp03_lr4.py.
 _base_ = [
     '_base_/models/mask_rcnn_dat_fpn.py',
     '_base_/datasets/coco_instance_ms_crop.py',
@@ -13,4 +14,5 @@ model = dict(
         arch='pp-tiny',
         drop_path_rate=0.3,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+    # P6 is a stride-2 conv on C5, as DAT-Detection's Mask R-CNN (neck.fpn_convs.4)
+    neck=dict(in_channels=[64, 128, 256, 512], add_extra_convs='on_input'))

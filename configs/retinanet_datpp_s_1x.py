@@ -1,8 +1,9 @@
-# RetinaNet, DAT-S++, COCO 1x (12 epochs), 16 images per iteration.
-# DAT++ paper: box AP 48.3. Official config: DAT-Detection rtn_small_1x_4n_dp01_lr2.
+# RetinaNet, DAT-S++, COCO 1x (12 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 48.3.
+# Recipe: DAT-Detection configs/dat/rtn_small_1x_4n_dp01_lr2.py.
 _base_ = [
     '_base_/models/retinanet_dat_fpn.py',
-    'mmdet::_base_/datasets/coco_detection.py',
+    '_base_/datasets/coco_detection_ms_crop.py',
     '_base_/schedules/dat_det_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]

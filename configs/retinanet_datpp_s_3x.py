@@ -1,5 +1,6 @@
-# RetinaNet, DAT-S++, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
-# DAT++ paper: box AP 50.2. Official config: DAT-Detection rtn_small_3x_4n_dp05_lr2.
+# RetinaNet, DAT-S++, COCO 3x (36 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 50.2.
+# Recipe: DAT-Detection configs/dat/rtn_small_3x_4n_dp05_lr2.py.
 _base_ = [
     '_base_/models/retinanet_dat_fpn.py',
     '_base_/datasets/coco_detection_ms_crop.py',

@@ -1,5 +1,6 @@
-# RetinaNet, DAT-T++, COCO 3x (36 epochs, multi-scale training), 16 images per iteration.
-# DAT++ paper: box AP 49.2. Official config: DAT-Detection rtn_tiny_3x_4n_dp02_lr2.
+# RetinaNet, DAT-T++, COCO 3x (36 epochs), multi-scale training, 16 images per iteration (8 GPUs x 2).
+# DAT++ paper / DAT-Detection README: box AP 49.2.
+# Recipe: DAT-Detection configs/dat/rtn_tiny_3x_4n_dp02_lr2.py.
 _base_ = [
     '_base_/models/retinanet_dat_fpn.py',
     '_base_/datasets/coco_detection_ms_crop.py',
@@ -13,7 +14,7 @@ model = dict(
         arch='pp-tiny',
         drop_path_rate=0.2,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dat_pp_tiny_in1k_224.pth')),
-    neck=dict(in_channels=[128, 256, 512]))
+    neck=dict(in_channels=[64, 128, 256, 512]))
 
 # DAT-Detection trains RetinaNet at half the two-stage lr: 2e-4 for 64 images, i.e.
 # 5e-5 for 16.

@@ -1,9 +1,10 @@
 # UperNet, DAT-S, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
 # Paper: 81M, 1079G; mIoU 48.31 / 49.84 (ms+flip) (FLOPs at 512x2048).
-# Recipe: DAT-Segmentation upn_small_160k_dp05_lr6.
+# No official v1 recipe (DAT-Segmentation publishes DAT++ configs only): the recipe of its
+# configs/dat/upn_small_160k_dp05_lr6.py with the v1 backbone; see configs/README.md.
 _base_ = [
     '_base_/models/upernet_dat.py',
-    'mmseg::_base_/datasets/ade20k.py',
+    '_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     '_base_/schedules/dat_seg_upernet_160k.py',
 ]
@@ -22,3 +23,7 @@ model = dict(
 train_dataloader = dict(batch_size=2)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader
+
+# The official key 'relative_position_bias_table' (no decay) names the window attention
+# tables of v1's L / S blocks
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'relative_position_bias_table': dict(decay_mult=0.)}))

@@ -1,8 +1,9 @@
 # UperNet, DAT-B++, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
-# DAT++ paper: mIoU 51.0 / 51.5 (ms+flip). Official config: DAT-Segmentation upn_base_160k_dp07_lr6.
+# DAT++ paper / DAT-Segmentation README: mIoU 51.0 / 51.5 (ms+flip).
+# Recipe: DAT-Segmentation configs/dat/upn_base_160k_dp07_lr6.py.
 _base_ = [
     '_base_/models/upernet_dat.py',
-    'mmseg::_base_/datasets/ade20k.py',
+    '_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     '_base_/schedules/dat_seg_upernet_160k.py',
 ]
@@ -22,3 +23,6 @@ model = dict(
 train_dataloader = dict(batch_size=2)
 val_dataloader = dict(batch_size=1)
 test_dataloader = val_dataloader
+
+# fp32: upn_base_160k_dp07_lr6 trains without Fp16OptimizerHook (OptimizerHook).
+optim_wrapper = dict(type='OptimWrapper')

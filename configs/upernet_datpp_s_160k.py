@@ -1,8 +1,9 @@
 # UperNet, DAT-S++, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
-# DAT++ paper: mIoU 50.5 / 51.2 (ms+flip). Official config: DAT-Segmentation upn_small_160k_dp05_lr6.
+# DAT++ paper / DAT-Segmentation README: mIoU 50.5 / 51.2 (ms+flip).
+# Recipe: DAT-Segmentation configs/dat/upn_small_160k_dp05_lr6.py.
 _base_ = [
     '_base_/models/upernet_dat.py',
-    'mmseg::_base_/datasets/ade20k.py',
+    '_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     '_base_/schedules/dat_seg_upernet_160k.py',
 ]

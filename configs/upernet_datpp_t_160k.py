@@ -1,8 +1,9 @@
 # UperNet, DAT-T++, ADE20K 512x512, 160k iterations of 16 images (8 GPUs x 2).
-# DAT++ paper: mIoU 49.4 / 50.3 (ms+flip). Official config: DAT-Segmentation upn_tiny_160k_dp03_lr6.
+# DAT++ paper / DAT-Segmentation README: mIoU 49.4 / 50.3 (ms+flip).
+# Recipe: DAT-Segmentation configs/dat/upn_tiny_160k_dp03_lr6.py.
 _base_ = [
     '_base_/models/upernet_dat.py',
-    'mmseg::_base_/datasets/ade20k.py',
+    '_base_/datasets/ade20k.py',
     'mmseg::_base_/default_runtime.py',
     '_base_/schedules/dat_seg_upernet_160k.py',
 ]

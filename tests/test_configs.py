@@ -22,7 +22,10 @@ from mmengine.registry import init_default_scope
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG_DIR = osp.join(REPO, 'configs')
-CONFIGS = sorted(osp.basename(p) for p in glob.glob(osp.join(CONFIG_DIR, '*.py')))
+# The DAT / DAT++ paper configs (the DINO and Mask2Former configs have tests of their own).
+OTHER_FAMILIES = ('dino_', 'mask2former_')
+CONFIGS = sorted(osp.basename(p) for p in glob.glob(osp.join(CONFIG_DIR, '*.py'))
+                 if not osp.basename(p).startswith(OTHER_FAMILIES))
 
 # What the brief and the paper tables ask for.
 EXPECTED = (
@@ -31,7 +34,7 @@ EXPECTED = (
     [f'cascade_mask_rcnn_{fam}_{x}.py' for fam in ('dat', 'datpp') for x in ('t_1x', 't_3x', 's_3x', 'b_3x')] +
     [f'{seg}_{fam}_{s}_{sch}.py' for seg, sch in (('upernet', '160k'), ('fpn', '80k')) for fam in ('dat', 'datpp')
      for s in 'tsb'] +
-    [f'{fam}_{s}_in1k.py' for fam in ('dat', 'datpp') for s in 'tsb'] + ['dat_b_in1k_384.py'])
+    [f'{fam}_{s}_in1k.py' for fam in ('dat', 'datpp') for s in 'tsb'] + ['dat_b_in1k_384.py', 'datpp_b_in1k_384.py'])
 
 OUT_CHANNELS = {'v1-tiny': [96, 192, 384, 768], 'v1-small': [96, 192, 384, 768], 'v1-base': [128, 256, 512, 1024],
                 'pp-tiny': [64, 128, 256, 512], 'pp-small': [96, 192, 384, 768], 'pp-base': [128, 256, 512, 1024]}
@@ -40,7 +43,8 @@ DROP_PATH = {  # official config names: rtn_tiny_3x_4n_dp02, mrcn_small_1x_dp01,
     'retinanet_t_1x': 0.0, 'retinanet_t_3x': 0.2, 'retinanet_s_1x': 0.1, 'retinanet_s_3x': 0.5,
     'mask_rcnn_t_1x': 0.0, 'mask_rcnn_t_3x': 0.3, 'mask_rcnn_s_1x': 0.1, 'mask_rcnn_s_3x': 0.5,
     'cascade_mask_rcnn_t_1x': 0.0, 'cascade_mask_rcnn_t_3x': 0.1, 'cascade_mask_rcnn_s_3x': 0.5,
-    'cascade_mask_rcnn_b_3x': 0.8, 'in1k_t': 0.2, 'in1k_s': 0.3, 'in1k_b': 0.5,
+    'cascade_mask_rcnn_b_3x': 0.8, 'in1k_v1_t': 0.2, 'in1k_v1_s': 0.3, 'in1k_v1_b': 0.5,
+    'in1k_pp_t': 0.2, 'in1k_pp_s': 0.4, 'in1k_pp_b': 0.7,
 }
 
 
@@ -72,7 +76,8 @@ def test_all_paper_configs_present():
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_settings(name):
-    """The recipe each config promises: library, backbone, channels, drop path, schedule."""
+    """The model each config promises: library, backbone, channels, drop path (the recipes
+    themselves are compared with the official ones in test_recipes.py)."""
     cfg = load(name)
     info = parse_name(name)
     assert cfg.custom_imports == dict(imports=['mmdat'], allow_failed_imports=False)
@@ -88,14 +93,14 @@ def test_config_settings(name):
         # the v1 classifiers are the official ones: flavor v1, key stride 1 (preset as is)
         if name == 'dat_b_in1k_384.py':
             assert backbone.arch == dict(preset='v1-base', window_size=12) and backbone.pretrain_img_size == 384
-        else:
-            assert isinstance(backbone.arch, str)
+        else:  # DAT++ at 384 as at 224: position tables of the 224 model, sampled at any size
+            assert isinstance(backbone.arch, str) and backbone.pretrain_img_size == 224
         assert backbone.out_indices == (3, ) and cfg.model.head.in_channels == dims[3]
-        assert backbone.drop_path_rate == DROP_PATH[f'in1k_{info["size"]}']
+        if not name.endswith('_384.py'):
+            assert backbone.drop_path_rate == DROP_PATH[f'in1k_{info["flavor"]}_{info["size"]}']
+            assert cfg.train_cfg.max_epochs == 300
         assert cfg.model.train_cfg.augments == [dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]
         assert cfg.optim_wrapper.optimizer.type == 'AdamW'
-        if name != 'dat_b_in1k_384.py':
-            assert cfg.optim_wrapper.optimizer.lr == 1e-3 and cfg.train_cfg.max_epochs == 300
         return
 
     # dense prediction: v1 specs run with the DAT++ formulas on the documented key grid
@@ -107,9 +112,10 @@ def test_config_settings(name):
         assert backbone.arch == preset
     assert backbone.init_cfg.type == 'Pretrained'
     opt = cfg.optim_wrapper
-    for key in ('relative_position_table', 'relative_position_bias_table', 'norm'):
+    for key in ('relative_position_table', 'norm'):
         assert opt.paramwise_cfg.custom_keys[key] == dict(decay_mult=0.)
-    assert opt.paramwise_cfg.norm_decay_mult == 0.
+    # v1's window attention tables are exempt, DAT++'s neighborhood-attention tables decayed
+    assert ('relative_position_bias_table' in opt.paramwise_cfg.custom_keys) == (info['flavor'] == 'v1')
 
     if info['task'] in ('upernet', 'fpn'):
         if info['task'] == 'upernet':
@@ -131,24 +137,20 @@ def test_config_settings(name):
     if det == 'cascade_mask_rcnn':  # DAT-Detection's (and Swin's) 4conv1fc GIoU box heads
         assert [(h.type, h.num_shared_convs, h.num_shared_fcs, h.loss_bbox.type)
                 for h in cfg.model.roi_head.bbox_head] == [('ConvFCBBoxHead', 4, 1, 'GIoULoss')] * 3
-    if det == 'retinanet':
-        assert backbone.out_indices == (1, 2, 3) and cfg.model.neck.in_channels == dims[1:]
-        assert opt.optimizer.lr == 5e-5  # DAT-Detection: 2e-4 for 64 images
-    else:
-        assert cfg.model.neck.in_channels == dims
-        assert opt.optimizer.lr == 1e-4
+    assert backbone.out_indices == (0, 1, 2, 3) and cfg.model.neck.in_channels == dims
+    if det == 'retinanet':  # DAT-Detection's RetinaNet: the FPN starts at stride 8
+        assert cfg.model.neck.start_level == 1
+    per_image = opt.optimizer.lr / (8 * cfg.train_dataloader.batch_size)
+    assert per_image == (2e-4 if det == 'retinanet' else 4e-4) / 64  # DAT-Detection: for 64 images
     assert (opt.optimizer.type, opt.optimizer.weight_decay) == ('AdamW', 0.05)
     warmup, steps = cfg.param_scheduler
     assert (warmup.type, warmup.end, warmup.start_factor, warmup.by_epoch) == ('LinearLR', 500, 0.001, False)
+    assert (cfg.train_cfg.max_epochs, steps.milestones) == ((12, [8, 11]) if sched == '1x' else (36, [27, 33]))
+    # 1x and 3x alike: DAT-Detection's multi-scale resize / crop augmentation
     pipeline_types = [t.type for t in cfg.train_dataloader.dataset.pipeline]
-    if sched == '1x':
-        assert cfg.train_cfg.max_epochs == 12 and steps.milestones == [8, 11]
-        assert 'RandomChoice' not in pipeline_types
-    else:
-        assert cfg.train_cfg.max_epochs == 36 and steps.milestones == [27, 33]
-        choice = cfg.train_dataloader.dataset.pipeline[pipeline_types.index('RandomChoice')]
-        assert [[t.type for t in policy] for policy in choice.transforms] == [
-            ['RandomChoiceResize'], ['RandomChoiceResize', 'RandomCrop', 'RandomChoiceResize']]
+    choice = cfg.train_dataloader.dataset.pipeline[pipeline_types.index('RandomChoice')]
+    assert [[t.type for t in policy] for policy in choice.transforms] == [
+        ['RandomChoiceResize'], ['RandomChoiceResize', 'RandomCrop', 'RandomChoiceResize']]
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,9 +249,18 @@ def test_config_builds_and_runs(name):
     _RAN[key] = name
 
 
+def cpu_optim_wrapper_cfg(optim_cfg):
+    """The config's optimizer wrapper in fp32: MMEngine's AmpOptimWrapper (the configs' fp16,
+    as the official Fp16OptimizerHook) refuses to build without an accelerator."""
+    optim_cfg = copy.deepcopy(optim_cfg)
+    optim_cfg.type = 'OptimWrapper'
+    optim_cfg.pop('loss_scale', None)
+    return optim_cfg
+
+
 def weight_decays(model, optim_cfg) -> dict:
     from mmengine.optim import build_optim_wrapper
-    optim_wrapper = build_optim_wrapper(model, copy.deepcopy(optim_cfg))
+    optim_wrapper = build_optim_wrapper(model, cpu_optim_wrapper_cfg(optim_cfg))
     decay = {}
     for group in optim_wrapper.optimizer.param_groups:
         for p in group['params']:
@@ -260,15 +271,18 @@ def weight_decays(model, optim_cfg) -> dict:
 # upernet_datpp_t_160k first: the last model the test above built, reused
 @pytest.mark.parametrize('name', ['upernet_datpp_t_160k.py', 'dat_t_in1k.py', 'mask_rcnn_dat_t_3x.py'])
 def test_no_weight_decay_on_tables_and_norms(name):
-    """The config's optimizer: the deformable-attention position tables, the window /
-    neighborhood bias tables and every norm of the backbone get no weight decay."""
+    """The config's optimizer, as the official one: the deformable-attention position tables,
+    v1's window bias tables and every norm of the backbone get no weight decay; DAT++'s
+    neighborhood-attention bias (official `rpb`) is decayed."""
     cfg, (_, model) = built_model(name)
     init_default_scope(cfg.default_scope)
     _, decay = weight_decays(model, cfg.optim_wrapper)
     named = dict(model.named_parameters())
     tables = [n for n in named if n.endswith('relative_position_table')]
     bias_tables = [n for n in named if n.endswith('relative_position_bias_table')]
-    assert tables and bias_tables and all(decay[named[n]] == 0 for n in tables + bias_tables)
+    assert tables and bias_tables and all(decay[named[n]] == 0 for n in tables)
+    bias_decay = 0 if parse_name(name)['flavor'] == 'v1' else cfg.optim_wrapper.optimizer.weight_decay
+    assert all(decay[named[n]] == bias_decay for n in bias_tables)
     norms = [p for m in model.backbone.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
     assert norms and all(decay[p] == 0 for p in norms)  # stem / downsampling norms too (norm_decay_mult)
     assert decay[named['backbone.stages.2.blocks.1.attn.q.weight']] == cfg.optim_wrapper.optimizer.weight_decay
@@ -340,11 +354,27 @@ def test_downstream_config_inherits_mmdat(tmp_path):
     small.neck.in_channels = [32, 64, 128, 256]
     detector = MODELS.build(small)
     assert detector.roi_head.bbox_head.num_classes == 3
-    optim_wrapper = build_optim_wrapper(detector, cfg.optim_wrapper)
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'  # fp16 as DAT-Detection; fp32 on this CPU
+    optim_wrapper = build_optim_wrapper(detector, cpu_optim_wrapper_cfg(cfg.optim_wrapper))
     assert type(optim_wrapper.optimizer).__name__ == 'AdamW'
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=optim_wrapper, epoch_length=10))
                   for s in copy.deepcopy(cfg.param_scheduler)]
     assert [type(s).__name__ for s in schedulers] == ['LinearLR', 'MultiStepLR']
+
+
+def test_inconsistent_override_fails_at_build(tmp_path):
+    """Bad input stays a clear error: a downstream config whose override makes the backbone
+    inconsistent (DAT-T's 12 stage-3 heads in 5 groups) fails when the model is built,
+    naming the stage and the fields."""
+    from mmengine.registry import MODELS
+    cfg_file = tmp_path / 'bad_groups.py'
+    cfg_file.write_text("_base_ = 'mmdat::mask_rcnn_dat_t_3x.py'\n"
+                        "model = dict(backbone=dict(arch=dict(groups=(0, 0, 5, 6)), init_cfg=None))\n")
+    cfg = Config.fromfile(str(cfg_file))
+    init_default_scope(cfg.default_scope)
+    with pytest.raises(ValueError, match=r'stage 2: deformable attention needs groups >= 1 dividing num_heads 12, '
+                                         r'got groups=5'):
+        MODELS.build(cfg.model)
 
 
 def test_mmdat_paths(tmp_path):

@@ -25,6 +25,7 @@ model = dict(
         arch=dict(embed_dims=dims, num_heads=(1, 2, 4, 8), groups=(0, 0, 2, 4),
                   stage_specs=('LS', 'LS', 'LD', 'LD')),
         drop_path_rate=0.0,
+        with_cp=False,  # the paper config's activation checkpointing costs time, saves no needed memory here
         init_cfg=None),
     neck=dict(in_channels=list(dims), out_channels=neck_channels),
     rpn_head=dict(in_channels=neck_channels, feat_channels=neck_channels),
@@ -89,7 +90,8 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, T_max=max_iters - 50,
          eta_min=lr * 0.02),
 ]
-optim_wrapper = dict(optimizer=dict(lr=lr, weight_decay=0.05), clip_grad=dict(max_norm=10.0, norm_type=2))
+# fp32 (the paper config's fp16 AmpOptimWrapper needs a GPU)
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=lr, weight_decay=0.05), clip_grad=dict(max_norm=10.0, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=8)
 
 default_hooks = dict(

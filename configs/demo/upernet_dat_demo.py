@@ -29,6 +29,7 @@ model = dict(
         arch=dict(embed_dims=dims, num_heads=(1, 2, 4, 8), groups=(0, 0, 2, 4),
                   stage_specs=('LS', 'LS', 'LD', 'LD')),
         drop_path_rate=0.0,
+        with_cp=False,  # the paper config's activation checkpointing costs time, saves no needed memory here
         init_cfg=None),
     decode_head=dict(in_channels=list(dims), channels=head_channels, num_classes=len(classes)),
     auxiliary_head=dict(in_channels=dims[2], channels=head_channels // 2, num_classes=len(classes)))
@@ -74,7 +75,8 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
     dict(type='PolyLR', eta_min=lr * 0.01, power=1.0, begin=50, end=max_iters, by_epoch=False),
 ]
-optim_wrapper = dict(optimizer=dict(lr=lr))
+# fp32 (the paper config's fp16 AmpOptimWrapper needs a GPU)
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=lr))
 
 default_hooks = dict(
     logger=dict(interval=10),

@@ -1,6 +1,8 @@
-# COCO detection with the 3x multi-scale training augmentation of
-# DAT-Detection (originally DETR / Sparse R-CNN's AutoAugment resize + crop), written as
-# mmdet 3's `RandomChoice`, as in mmdet's swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py.
+# COCO detection with the multi-scale training augmentation of every DAT-Detection
+# config, 1x and 3x alike (originally DETR / Sparse R-CNN's AutoAugment: either a resize of
+# the short side to 480-800 (step 32, long side at most 1333), or a resize to 400-600, a
+# random crop of 384-600 and the 480-800 resize), written as mmdet 3's `RandomChoice`, as
+# in mmdet's swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py. Test: (1333, 800), one scale.
 _base_ = ['mmdet::_base_/datasets/coco_detection.py']
 
 train_pipeline = [

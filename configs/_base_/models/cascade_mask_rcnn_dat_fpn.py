@@ -1,6 +1,8 @@
 # Cascade Mask R-CNN + FPN with a DAT backbone: mmdet's Cascade Mask R-CNN with the ResNet
 # replaced and, as DAT-Detection (and Swin) use, "4conv1fc" box heads with SyncBN and a
-# GIoU loss on decoded boxes in the three cascade stages.
+# GIoU loss on decoded boxes in the three cascade stages. The neck is DAT-Detection's too:
+# mmdet's FPN with P6 max-pooled from P5 (no extra convs); activation checkpointing as
+# DAT-Detection (`use_checkpoint=True`).
 _base_ = ['mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py', '../dat_v1_dense.py']
 
 
@@ -31,7 +33,7 @@ model = dict(
         pretrain_img_size=224,
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.0,
-        with_cp=False),
+        with_cp=True),
     neck=dict(in_channels=[96, 192, 384, 768]),
     roi_head=dict(bbox_head=[
         _bbox_head([0.1, 0.1, 0.2, 0.2]),

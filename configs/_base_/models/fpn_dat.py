@@ -1,4 +1,5 @@
-# Semantic FPN with a DAT backbone: mmseg's FPN segmentor with the ResNet replaced.
+# Semantic FPN with a DAT backbone: mmseg's FPN segmentor with the ResNet replaced (no
+# activation checkpointing: DAT-Segmentation's FPN sets `use_checkpoint=False`).
 _base_ = ['mmseg::_base_/models/fpn_r50.py', '../dat_v1_dense.py']
 
 model = dict(

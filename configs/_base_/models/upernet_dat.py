@@ -1,4 +1,5 @@
-# UperNet with a DAT backbone: mmseg's UperNet-Swin model with the Swin backbone replaced.
+# UperNet with a DAT backbone: mmseg's UperNet-Swin model with the Swin backbone replaced,
+# with activation checkpointing as DAT-Segmentation's UperNet (`use_checkpoint=True`).
 _base_ = ['mmseg::_base_/models/upernet_swin.py', '../dat_v1_dense.py']
 
 model = dict(
@@ -10,6 +11,6 @@ model = dict(
         pretrain_img_size=224,
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.0,
-        with_cp=False),
+        with_cp=True),
     decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150))

@@ -1,5 +1,5 @@
-# 3x (36 epochs) detection schedule of DAT-Detection: as the 1x one, steps at 27 and 33.
-# Use it with a multi-scale ("ms_crop") dataset base.
+# 3x (36 epochs) detection schedule of DAT-Detection (configs/dat/*_3x_*): as the 1x one,
+# steps at epochs 27 and 33.
 _base_ = ['./dat_det_1x.py']
 
 max_epochs = 36
