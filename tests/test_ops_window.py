@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from mmdat.ops import config
+from mmdat.ops import build, config
 from mmdat.ops.window import cpu, reference
 
 needs_kernels = pytest.mark.skipif(not cpu.LIBRARY.available(), reason='no C compiler')
@@ -105,3 +105,19 @@ def test_compiles_without_graph_breaks():
         for a, b in zip(torch.autograd.grad((eager * eager).sum(), (qkv, bias, table)),
                         torch.autograd.grad((ours * ours).sum(), (qkv, bias, table))):
             torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+
+
+def test_a_failed_build_warns_once_and_runs_the_reference(monkeypatch, tmp_path):
+    monkeypatch.setenv('MMDAT_CACHE_DIR', str(tmp_path))
+    monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
+    library = build.Library(cpu.LIBRARY.name, cpu.LIBRARY.source_files, cpu.LIBRARY.signatures)
+    monkeypatch.setattr(cpu, 'LIBRARY', library)
+    qkv, bias, table = (t.requires_grad_() for t in _operands(1, (9, 10), 2, 4, 7))
+    with pytest.warns(UserWarning, match='native window_attention kernels unavailable'):
+        out = cpu.window_attention(qkv, bias, table, 2, 7, 4, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        again = cpu.window_attention(qkv, bias, table, 2, 7, 4, 0.5)
+    torch.testing.assert_close(out, reference.window_attention(qkv, bias, table, 2, 7, 4, 0.5))
+    again.sum().backward()  # training goes on
+    assert qkv.grad is not None and not list(tmp_path.glob('*.so'))
