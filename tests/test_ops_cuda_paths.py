@@ -22,7 +22,17 @@ from mmdat.ops.neighborhood.reference import neighborhood_attention as neighborh
 from mmdat.ops.window import reference as window_reference
 from mmdat.ops.window.cuda import window_attention_sdpa
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from conftest import NANO_PP, NANO_V1, REPO, subprocess_env
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the dense math path runs many small ops: on a shared machine, OpenMP workers waking
+    # for each of them made these tests 4-5x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _max_errors(outputs, inputs, grad_out, reference_outputs):
@@ -191,7 +201,8 @@ def test_window_sdpa_float32_and_autocast():
 def test_gpu_benchmark_smoke(tmp_path):
     out = tmp_path / 'bench.json'
     proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'analysis_tools', 'gpu_benchmark.py'),
-                           '--smoke', '--out', str(out)], capture_output=True, text=True, timeout=300)
+                           '--smoke', '--out', str(out)], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report['environment']['torch'] == torch.__version__
@@ -207,3 +218,55 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert all(r['out'] < 1e-4 and r['grad_x'] < 1e-4 and r['grad_params_max'] < 1e-4
                for r in report['parity'] if r['precision'] == 'fp32')
     assert 'parity' in proc.stdout and 'goals' in proc.stdout
+
+
+@pytest.mark.parametrize('arch', [
+    dict(NANO_PP, stage_specs=('ND', 'N', 'ND', 'D')),
+    dict(NANO_V1, flavor='pp', key_strides=(1, 1, 2, 1), stage_specs=('LS', 'S', 'LD', 'D')),
+])
+def test_backbone_on_the_cuda_paths_matches_reference(arch, monkeypatch):
+    # The modules take their CUDA branch for CPU tensors here (the backend choice made to
+    # answer 'cuda' where it would answer 'cpu'), so that the whole backbone runs the CUDA
+    # paths through the dense math path: same outputs and gradients as the reference.
+    from mmdat.models.backbones import DAT
+    from mmdat.models.layers import neighborhood_attention, window_attention
+    from mmdat.ops import attention_impl, config
+    from mmdat.ops.deformable import cuda as deformable_cuda
+    from mmdat.ops.neighborhood import cuda as neighborhood_cuda
+    from mmdat.ops.window import cuda as window_cuda
+
+    choose = config.choose_backend
+
+    def cuda_for_cpu(kind, *args, **kwargs):
+        backend = choose(kind, *args, **kwargs)
+        return 'cuda' if backend == 'cpu' and kind != 'dwconv' else backend
+
+    for module in (config, neighborhood_attention, window_attention):
+        if hasattr(module, 'choose_backend'):
+            monkeypatch.setattr(module, 'choose_backend', cuda_for_cpu)
+    calls = []
+    for module, name in ((deformable_cuda, 'deformable_attention'), (neighborhood_cuda, 'neighborhood_attention'),
+                         (window_cuda, 'window_attention')):
+        path = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, path=path, name=name: calls.append(name) or path(*a))
+
+    torch.manual_seed(0)
+    model = DAT(arch=arch).double()
+    x = torch.randn(1, 3, 32, 48, dtype=torch.float64)
+    results = {}
+    for impl in ('reference', 'fast'):
+        model.zero_grad(set_to_none=True)
+        with attention_impl(impl):
+            outs = model(x)
+        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)).sum()
+            for o in outs).backward()
+        results[impl] = [o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters()}
+    kinds = {'D': 'deformable_attention', 'N': 'neighborhood_attention', 'L': 'window_attention',
+             'S': 'window_attention'}
+    assert sorted(calls) == sorted(kinds[letter] for spec in arch['stage_specs'] for letter in spec)
+    (fast_outs, fast_grads), (ref_outs, ref_grads) = results['fast'], results['reference']
+    for a, b in zip(fast_outs, ref_outs):
+        assert float((a - b).abs().max()) < 1e-12 * float(b.abs().max())
+    largest = max(float(g.abs().max()) for g in ref_grads.values())
+    for name, g in ref_grads.items():  # the key biases' gradients vanish: compared to the largest
+        assert float((fast_grads[name] - g).abs().max()) < 1e-12 * max(float(g.abs().max()), 1e-3 * largest), name

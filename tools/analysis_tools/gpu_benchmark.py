@@ -328,7 +328,9 @@ def main(argv=None):
     if 'backbones' in args.sections:
         x = torch.randn(args.batch, 3, *args.hw, device=device)
         swin = build_swin(args.hw)
-        models = dict(backbones, swin_t=None if swin is None else swin.to(device).train())
+        if swin is not None:
+            swin.to(device).train()  # (mmdet's train() returns None)
+        models = dict(backbones, swin_t=swin)
         for precision in args.backbone_precisions:
             for name, model in models.items():
                 for impl in (('-',) if name == 'swin_t' else ('fast', 'reference')):
