@@ -26,11 +26,10 @@ included; ``+peak``: above what was allocated before the first timed step). ``--
 bounds the whole run: cases left when it is spent are listed as skipped.
 
 Requirements: torch >= 2.11 (with triton on CUDA) and mmengine (the DAT backbone is an
-MMEngine ``BaseModule``), nothing else: where ``import mmdat`` needs more (mmcv, opencv for
-its datasets and transforms), the script imports ``mmdat.models`` and ``mmdat.ops`` alone.
-mmengine is pure Python: on a machine without a network, carry its wheel and
-``pip install --no-deps mmengine-*.whl`` (with ``addict``, ``pyyaml``, ``rich``, ``termcolor``
-and ``yapf`` if absent). timm is optional (Swin-T is skipped without it).
+MMEngine ``BaseModule``), nothing else: where ``import mmdat`` needs more (opencv, mmcv),
+the script imports ``mmdat.models`` and ``mmdat.ops`` alone. See docs/gpu.md for the wheels
+to carry to a machine without network. timm is optional (Swin-T: timm's, else mmdet's,
+else skipped).
 """
 import argparse
 import json
