@@ -40,6 +40,9 @@ setup(
     extras_require={
         'tests': ['pytest>=7', 'matplotlib', 'ruff==0.17.5'],
         'natten': ['natten'],
+        # tools/deployment/pytorch2onnx.py: graph checks (onnx), --verify (onnxruntime) and
+        # the dynamo exporter (onnxscript)
+        'export': ['onnx>=1.16', 'onnxruntime>=1.17', 'onnxscript>=0.2'],
     },
     zip_safe=False,
 )

@@ -65,7 +65,7 @@ if ! "$py" -c "import mmcv, mmcv.ops" 2>/dev/null; then
 fi
 
 log "installing mmdat and the OpenMMLab libraries"
-pip install -q --no-build-isolation -e "$ROOT[tests]"
+pip install -q --no-build-isolation -e "$ROOT[tests,export]"
 
 "$py" - <<'PY'
 import mmcv.ops, mmdet, mmseg, mmpretrain, torch, torchvision  # noqa: F401  fail here, not later
