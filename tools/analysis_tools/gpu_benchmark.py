@@ -75,8 +75,9 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=2)
     p.add_argument('--precisions', nargs='+', default=['fp32', 'amp'], choices=['fp32', 'amp'])
     p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
-    p.add_argument('--sections', nargs='+', default=['parity', 'blocks', 'backbones'],
-                   choices=['parity', 'blocks', 'backbones'])
+    p.add_argument('--sections', nargs='+', default=['parity', 'backbones', 'blocks'],
+                   choices=['parity', 'backbones', 'blocks'],
+                   help='parts to run, in the order parity, backbones, blocks (the first cases compile the kernels)')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--repeats', type=int, default=10)
     p.add_argument('--budget-s', type=float, default=270., help='stop starting cases after this many seconds')
@@ -307,23 +308,6 @@ def main(argv=None):
                          lambda: parity(attn, x, device, precision, run.amp_dtype, attention_impl))
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
-    if 'blocks' in args.sections:
-        for name, stage, letter in args.blocks:
-            attn, x = block_inputs(backbones[name], stage, letter, args.hw, args.batch, device)
-            x.requires_grad_()
-            for precision in args.precisions:
-                for impl in ('fast', 'reference'):
-                    def measure():
-                        def step():
-                            attn.zero_grad(set_to_none=True)
-                            x.grad = None
-                            with attention_impl(impl), _autocast(device, precision, run.amp_dtype):
-                                out = attn(x)
-                            out.float().sum().backward()
-                        return run.timer(step)
-                    run.case('blocks', dict(block=f'{name}.s{stage + 1}.{letter}', impl=impl, precision=precision),
-                             measure)
-
     if 'backbones' in args.sections:
         x = torch.randn(args.batch, 3, *args.hw, device=device)
         swin = build_swin(args.hw)
@@ -343,6 +327,23 @@ def main(argv=None):
                         return attention_impl('fast' if impl == '-' else impl)
                     run.case('backbones', record,
                              lambda: run.timer(train_step(model, x, device, precision, run.amp_dtype, context)))
+
+    if 'blocks' in args.sections:
+        for name, stage, letter in args.blocks:
+            attn, x = block_inputs(backbones[name], stage, letter, args.hw, args.batch, device)
+            x.requires_grad_()
+            for precision in args.precisions:
+                for impl in ('fast', 'reference'):
+                    def measure():
+                        def step():
+                            attn.zero_grad(set_to_none=True)
+                            x.grad = None
+                            with attention_impl(impl), _autocast(device, precision, run.amp_dtype):
+                                out = attn(x)
+                            out.float().sum().backward()
+                        return run.timer(step)
+                    run.case('blocks', dict(block=f'{name}.s{stage + 1}.{letter}', impl=impl, precision=precision),
+                             measure)
 
     report = dict(environment=env, settings=dict(size=args.hw, batch=args.batch, precisions=args.precisions,
                                                   amp_dtype=str(run.amp_dtype), warmup=args.warmup,
