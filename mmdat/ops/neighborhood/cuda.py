@@ -106,9 +106,16 @@ class TiledNeighborhood:
 
 
 @functools.lru_cache(maxsize=32)
-def tiled_neighborhood(H: int, W: int, kernel_size: int, device: torch.device) -> TiledNeighborhood:
-    """The :class:`TiledNeighborhood` of an ``H x W`` map, built once per size and device."""
+def _cached_tiled_neighborhood(H: int, W: int, kernel_size: int, device: torch.device) -> TiledNeighborhood:
     return TiledNeighborhood(H, W, kernel_size, device)
+
+
+def tiled_neighborhood(H: int, W: int, kernel_size: int, device: torch.device) -> TiledNeighborhood:
+    """The :class:`TiledNeighborhood` of an ``H x W`` map, built once per size and device
+    (built in the graph while Dynamo traces: its tensors are then constants)."""
+    if torch.compiler.is_compiling():
+        return TiledNeighborhood(H, W, kernel_size, device)
+    return _cached_tiled_neighborhood(H, W, kernel_size, device)
 
 
 def _relative_bias(score, b, h, q_idx, kv_idx, table, rows, cols):
