@@ -9,8 +9,8 @@ Layout: heads of a group share their key positions, so FlexAttention's batch is 
 (indexing the positions) and its heads are the group's ``M / G`` heads; the table head of
 flex (batch ``b``, head ``h``) is ``(b % G) * M / G + h``.
 
-The same functions run on CPU through FlexAttention's eager path (which materialises the
-scores, for verification only: ``tests/test_ops_cuda_paths.py``).
+Off CUDA the same ``score_mod`` runs through FlexAttention's dense math path (see
+:mod:`mmdat.ops.flex`; it materialises the scores: for verification only).
 
 Imports torch only.
 """
@@ -104,7 +104,8 @@ def deformable_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Deformable attention with bilinear relative-position bias by FlexAttention.
 
     Same arguments and function as
-    :func:`mmdat.models.layers.deformable_attention_ops.deformable_attention`:
+    :func:`mmdat.ops.deformable.cpu.deformable_attention` (and the official formulation,
+    :func:`.reference.deformable_attention` with ``scale=1``):
 
     Args:
         q: ``(B*M, d, H, W)`` queries.

@@ -135,7 +135,7 @@ def _flex_entry(q, k, v, score_mod, block_mask, scale):
 def neighborhood_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
                                 kernel_size: int) -> torch.Tensor:
     """NA2D with relative position bias, the function of
-    :func:`mmdat.models.layers.neighborhood_attention.neighborhood_attention` (no dropout).
+    :func:`.reference.neighborhood_attention` (no dropout).
 
     Args:
         q, k, v: ``B x heads x H x W x d``; ``q`` already scaled; ``H, W >= kernel_size``.
