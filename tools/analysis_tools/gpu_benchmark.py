@@ -43,7 +43,7 @@ import time
 import traceback
 import types
 from importlib import metadata
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -110,20 +110,23 @@ def import_mmdat():
     return DAT, attention_impl, how
 
 
-def build_swin(hw) -> Optional[torch.nn.Module]:
-    """Swin-T for an ``hw`` input: timm's, else mmdet's, else ``None``."""
+def build_swin(hw) -> Tuple[Optional[torch.nn.Module], str]:
+    """Swin-T for an ``hw`` input (timm's, else mmdet's) and what it is, or ``None`` and why not."""
     try:
         import timm
     except ImportError:
         timm = None
-    if timm is not None:
-        return timm.create_model(SWIN_T, pretrained=False, features_only=True, img_size=hw, drop_path_rate=0.2)
     try:
+        if timm is not None:  # timm >= 1.0 pads maps to whole windows; features NHWC
+            return timm.create_model(SWIN_T, pretrained=False, features_only=True, img_size=hw,
+                                     drop_path_rate=0.2), f'timm {timm.__version__} {SWIN_T}'
         from mmdet.models.backbones import SwinTransformer
     except ImportError:
-        return None
+        return None, 'skipped: neither timm nor mmdet is installed'
+    except Exception as e:  # e.g. a timm too old for features_only Swin at this size
+        return None, f'timm {timm.__version__}: {type(e).__name__}: {e}'.splitlines()[0][:300]
     return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
-                           drop_path_rate=0.2, out_indices=(0, 1, 2, 3))
+                           drop_path_rate=0.2, out_indices=(0, 1, 2, 3)), 'mmdet SwinTransformer'
 
 
 def environment(device: torch.device) -> dict:
@@ -310,7 +313,7 @@ def main(argv=None):
 
     if 'backbones' in args.sections:
         x = torch.randn(args.batch, 3, *args.hw, device=device)
-        swin = build_swin(args.hw)
+        swin, env['swin_t'] = build_swin(args.hw)
         if swin is not None:
             swin.to(device).train()  # (mmdet's train() returns None)
         models = dict(backbones, swin_t=swin)
@@ -319,7 +322,7 @@ def main(argv=None):
                 for impl in (('-',) if name == 'swin_t' else ('fast', 'reference')):
                     record = dict(backbone=name, impl=impl, precision=precision)
                     if model is None:
-                        record['error'] = 'skipped: neither timm nor mmdet is installed'
+                        record['error'] = env['swin_t']
                         run.results['backbones'].append(record)
                         continue
 
