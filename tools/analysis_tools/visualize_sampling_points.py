@@ -128,7 +128,7 @@ def main(argv=None):
     points = sampling_points(backbone, image, mean, std, args.stages)
 
     fig = draw_sampling_points(image, points, args.stages)
-    fig.savefig(args.out, dpi=120)
+    fig.savefig(args.out, dpi=120, bbox_inches='tight')
     plt.close(fig)
     print(f'wrote {args.out}')
 
