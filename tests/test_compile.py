@@ -14,15 +14,6 @@ TINY_V1 = dict(preset='v1-tiny', embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 
 TINY_PP = dict(preset='pp-tiny', embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), groups=(1, 2, 2, 4),
                stage_specs=('ND', 'D', 'N', 'D'), mlp_ratio=2)
 ARCHS = [pytest.param(TINY_V1, id='v1'), pytest.param(TINY_PP, id='pp')]
-#: Inductor checks the strides of every op's outputs against its fake implementation.
-INDUCTOR_ARCHS = [
-    pytest.param(TINY_V1, id='v1', marks=pytest.mark.xfail(
-        strict=True, reason='mmdat::window_attention_backward: the kernel returns the table gradient with strides '
-        '(169, 1) where its fake implementation declares (1, 4) (inductor stride assert, backward)')),
-    pytest.param(TINY_PP, id='pp', marks=pytest.mark.xfail(
-        strict=True, reason='mmdat::conv_mlp_backward: the kernel returns a (256, ., 3, 3) gradient with strides '
-        '(1, ., 768, 256) where its fake implementation declares (9, ., 3, 1) (inductor stride assert, backward)')),
-]
 
 
 def _backbone(arch):
@@ -63,7 +54,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize('arch', INDUCTOR_ARCHS)
+@pytest.mark.parametrize('arch', ARCHS)
 def test_compile_inductor_fullgraph_matches_eager(arch):
     """Inductor, one graph (``fullgraph=True`` fails on any graph break), forward and backward."""
     model = _backbone(arch)

@@ -50,8 +50,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x.permute(0, 2, 3, 1))
-        args = (qkv, self.qkv.bias, self.relative_position_bias_table.t(), self.num_heads, self.window_size,
-                self.shift_size, self.scale)
+        table = self.relative_position_bias_table.t().contiguous()  # its gradient too, as the ops declare
+        args = (qkv, self.qkv.bias, table, self.num_heads, self.window_size, self.shift_size, self.scale)
         backend = self.backend(x)
         if backend == 'cpu':
             out = window_cpu.window_attention(*args)

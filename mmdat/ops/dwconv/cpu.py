@@ -53,10 +53,11 @@ def kernel_backward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, gelu:
         *build.pointers(x, wt, bias, input_bias, grad_out, grad_x, dwt, dbias, dinput), B, H, W, Ch, int(gelu),
         threads)
     dwt, dbias = dwt.sum(0), dbias.sum(0)
-    if input_bias is None:
-        return dwt.t().reshape(Ch, 1, 3, 3), dbias, None
-    dwt += input_bias * dbias
-    return dwt.t().reshape(Ch, 1, 3, 3), dbias, dinput.sum(0)
+    if input_bias is not None:
+        dwt += input_bias * dbias
+    # contiguous, as the ops' fake implementations declare (inductor asserts the strides)
+    dw = dwt.t().contiguous().view(Ch, 1, 3, 3)
+    return dw, dbias, None if input_bias is None else dinput.sum(0)
 
 
 # ----------------------------------------------------------------------------- residual_dwconv
