@@ -3,8 +3,7 @@
 * :mod:`.reference`: the official formulation (``grid_sample`` bias, materialised logits);
 * :mod:`.cpu`: the ops ``mmdat::deformable_attention_forward`` / ``_backward`` (C kernels on
   CPU, PyTorch tiles elsewhere);
-* :mod:`.cuda`: the CUDA paths; its ``deformable_attention`` takes the same operands (until
-  it exists, CUDA tensors run the op's PyTorch tiles).
+* :mod:`.cuda`: the CUDA path (FlexAttention with the bias in its ``score_mod``).
 
 :func:`deformable_attention` runs the backend :func:`mmdat.ops.config.choose_backend` chose;
 every backend takes the operands of :func:`.cpu.deformable_attention` and computes the same
@@ -14,12 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu, reference
-
-try:
-    from . import cuda
-except ImportError:  # no CUDA paths in this installation: the op's PyTorch tiles run there
-    cuda = None
+from . import cpu, cuda, reference
 
 
 def deformable_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
@@ -29,7 +23,7 @@ def deformable_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torc
     ``'cuda'``); operands as :func:`.cpu.deformable_attention`'s (the scale folded into ``k``)."""
     if backend == 'reference':
         return reference.deformable_attention(q, k, v, pos, table, qy, qx, groups)
-    if backend == 'cuda' and getattr(cuda, 'deformable_attention', None) is not None:
+    if backend == 'cuda':
         return cuda.deformable_attention(q, k, v, pos, table, qy, qx, groups)
     return cpu.deformable_attention(q, k, v, pos, table, qy, qx, groups)
 
