@@ -23,7 +23,8 @@ model = dict(
         pretrain_img_size=384,
         drop_path_rate=0.5,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained_224)),
-    head=dict(in_channels=1024, init_cfg=dict(_delete_=True, type='Pretrained', checkpoint=pretrained_224, prefix='head.')))
+    head=dict(in_channels=1024,
+              init_cfg=dict(_delete_=True, type='Pretrained', checkpoint=pretrained_224, prefix='head.')))
 
 test_pipeline = [
     dict(type='LoadImageFromFile'),

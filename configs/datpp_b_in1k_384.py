@@ -18,7 +18,8 @@ custom_imports = dict(imports=['mmdat'], allow_failed_imports=False)
 pretrained_224 = 'checkpoints/dat_pp_base_in1k_224_mmdat.pth'
 model = dict(
     backbone=dict(arch='pp-base', drop_path_rate=0.6, init_cfg=dict(type='Pretrained', checkpoint=pretrained_224)),
-    head=dict(in_channels=1024, init_cfg=dict(_delete_=True, type='Pretrained', checkpoint=pretrained_224, prefix='head.')))
+    head=dict(in_channels=1024,
+              init_cfg=dict(_delete_=True, type='Pretrained', checkpoint=pretrained_224, prefix='head.')))
 
 test_pipeline = [
     dict(type='LoadImageFromFile'),

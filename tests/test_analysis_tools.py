@@ -55,10 +55,10 @@ def test_sampling_point_panels_each_have_a_legend_and_share_colours():
 def test_inference_demo_saves_the_picture(tmp_path):
     demo = _load('tools/inference_demo.py')
     from mmengine.config import Config
-
-    import mmdat  # noqa: F401
     from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
+
+    import mmdat  # noqa: F401
     config = osp.join(REPO, 'configs', 'demo', 'upernet_dat_demo.py')
     cfg = Config.fromfile(config)
     cfg.model.backbone.init_cfg = None

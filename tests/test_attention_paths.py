@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import mmdat  # noqa: F401
 from mmdat.models.backbones import DAT
 from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_arch
-from mmdat.models.layers.deformable_attention import (DeformableAttention, _axis_grid,
-                                                      deformable_attention_impl)
+from mmdat.models.layers.deformable_attention import DeformableAttention, _axis_grid, deformable_attention_impl
 from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
 from mmdat.models.layers.window_attention import WindowAttention
 from mmdat.ops import build
@@ -23,7 +22,6 @@ from mmdat.ops.neighborhood.reference import neighborhood_attention
 from mmdat.ops.window import cpu as window_cpu
 
 from conftest import NANO_PP, NANO_V1, fixtures_dir, without_native_ops
-
 
 NATIVE = ops.native_library() is not None
 FUSED = NATIVE and build.blas() is not None
@@ -441,7 +439,7 @@ def test_flop_count_does_not_depend_on_the_path(arch):
 
 # ----------------------------------------------------------------------------- neighborhood
 
-@pytest.mark.parametrize("size,kernel,tile", [
+@pytest.mark.parametrize('size,kernel,tile', [
     ((7, 7), 7, 8), ((9, 13), 3, 4), ((16, 11), 7, 5), ((23, 30), 7, 8), ((8, 19), 5, 3), ((40, 9), 7, 8)])
 @pytest.mark.parametrize('steps', [None, (1, 1, 8), (1, 1 << 30, 2)], ids=['default-steps', 'row-steps', 'two-steps'])
 def test_neighborhood_tiled_matches_gather_float64(size, kernel, tile, steps, monkeypatch):
@@ -475,7 +473,7 @@ def _native_na(q, k, v, table, kernel, scale=1.0):
 
 
 @needs_native_na
-@pytest.mark.parametrize("size,kernel", [((7, 7), 7), ((9, 13), 3), ((16, 11), 7), ((40, 9), 7), ((31, 8), 5),
+@pytest.mark.parametrize('size,kernel', [((7, 7), 7), ((9, 13), 3), ((16, 11), 7), ((40, 9), 7), ((31, 8), 5),
                                          ((3, 4), 1), ((12, 40), 7), ((9, 29), 5)])
 @pytest.mark.parametrize('threads', [1, 3])
 def test_neighborhood_native_matches_gather_float64(size, kernel, threads):

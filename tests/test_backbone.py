@@ -12,8 +12,12 @@ import torch
 
 import mmdat  # noqa: F401
 from mmdat.models.backbones import ARCH_SETTINGS, DAT
-from mmdat.models.backbones.dat_checkpoint import (CheckpointMismatchError, extract_state_dict,
-                                                   load_dat_checkpoint, official_arch)
+from mmdat.models.backbones.dat_checkpoint import (
+    CheckpointMismatchError,
+    extract_state_dict,
+    load_dat_checkpoint,
+    official_arch,
+)
 from mmdat.models.layers.deformable_attention import DeformableAttention
 from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
 
@@ -140,7 +144,8 @@ def test_official_parity_at_an_odd_size(name):
         pytest.skip(f'no parity fixture {path}')
     odd = torch.load(ODD_SIZE_FIXTURE, map_location='cpu', weights_only=True)
     fixture = torch.load(path, map_location='cpu', weights_only=True)
-    model = DAT(**official_arch(fixture['config'], fixture['flavor']), init_cfg=dict(type='Pretrained', checkpoint=path))
+    model = DAT(**official_arch(fixture['config'], fixture['flavor']),
+                init_cfg=dict(type='Pretrained', checkpoint=path))
     model.init_weights()
     with torch.no_grad():
         outs = model.eval()(odd['input'])
@@ -350,6 +355,7 @@ def test_official_detector_checkpoint_loads_through_tools_test(tmp_path):
     `load_from` through a converted copy that MMEngine's loader reads key for key (strict),
     and the backbone then gives the official features; mmdat's own checkpoints pass as they are."""
     import importlib.util
+
     from mmengine.runner import load_checkpoint
     path = osp.join(fixtures_dir(), 'pp_nano_det_256x320.pth')
     if not osp.isfile(path):

@@ -15,10 +15,10 @@ import re
 
 import pytest
 import torch
-
-import mmdat
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+
+import mmdat
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG_DIR = osp.join(REPO, 'configs')
@@ -380,6 +380,7 @@ def test_inconsistent_override_fails_at_build(tmp_path):
 def test_mmdat_paths(tmp_path):
     """`mmdat::` bases with a folder, the installed config folder, unknown names."""
     from mmengine.config.utils import MODULE2PACKAGE
+
     from mmdat.utils.config import MMDAT_CONFIG_DIR, get_config_path
     assert MODULE2PACKAGE['mmdat'] == 'mmdat'
     assert osp.samefile(get_config_path('mmdat::upernet_dat_t_160k.py'),

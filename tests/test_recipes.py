@@ -7,15 +7,15 @@ import os.path as osp
 import sys
 
 import pytest
+import test_configs  # noqa: E402
 import torch
-
-import mmdat  # noqa: F401
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
+import mmdat  # noqa: F401
+
 from conftest import REPO, fixtures_dir
 
-import test_configs  # noqa: E402
 sys.path.insert(0, osp.join(REPO, 'tests', 'data'))
 from official_recipes import MMDAT_CONFIGS, OFFICIAL  # noqa: E402
 
@@ -197,7 +197,8 @@ def test_imagenet_recipe(name):
     assert cfg.train_cfg.max_epochs == ref['epochs']
 
     assert cfg.model.head.loss == dict(type='LabelSmoothLoss', label_smooth_val=ref['label_smoothing'], mode='original')
-    assert cfg.model.train_cfg.augments == [dict(type='Mixup', alpha=ref['mixup']), dict(type='CutMix', alpha=ref['cutmix'])]
+    assert cfg.model.train_cfg.augments == [dict(type='Mixup', alpha=ref['mixup']),
+                                            dict(type='CutMix', alpha=ref['cutmix'])]
     train = cfg.train_dataloader.dataset.pipeline
     (crop, ) = _transforms(train, 'RandomResizedCrop')
     assert (crop.scale, crop.interpolation) == (ref['img_size'], 'bicubic')
@@ -248,8 +249,9 @@ def _decay_groups():
 
 
 def _nano_model(cfg, kind, flavor):
-    from mmdat.models.backbones.dat_checkpoint import official_arch
     from mmengine.registry import MODELS
+
+    from mmdat.models.backbones.dat_checkpoint import official_arch
     fixture_name = _FIXTURE['pp' if flavor == 'pp' else ('cls' if kind == 'cls' else 'det')]
     path = osp.join(fixtures_dir(), fixture_name)
     if not osp.isfile(path):

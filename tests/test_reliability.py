@@ -22,7 +22,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
@@ -30,8 +29,9 @@ import pytest
 import torch
 
 import mmdat  # noqa: F401
-from conftest import DET_CFG, NANO_PP, REPO, SEG_CFG, subprocess_env as _env
 from mmdat.models.backbones.dat import DAT
+
+from conftest import DET_CFG, NANO_PP, REPO, SEG_CFG, subprocess_env as _env
 
 PY = sys.executable
 
@@ -122,9 +122,9 @@ def test_corrupt_and_truncated_images_are_named_and_skipped(bad_coco):
 
 
 def _nano_detector():
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
     init_default_scope('mmdet')
     cfg = Config.fromfile(DET_CFG)
     torch.manual_seed(0)
@@ -179,6 +179,7 @@ def test_crafted_pickle_in_backbone_weights_does_not_run(tmp_path):
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path):
     from mmengine.fileio import get_file_backend
+
     from mmdat.engine import AtomicLocalBackend, atomic_save_checkpoint
     assert isinstance(get_file_backend(str(tmp_path)), AtomicLocalBackend)  # installed by `import mmdat`
     path = str(tmp_path / 'iter_2.pth')
@@ -231,7 +232,8 @@ def _data_opts():
 
 
 def _losses(text, total):
-    return {int(i): line for i, line in re.findall(rf'Iter\(train\) \[\s*(\d+)/{total}\](.*lr: .*loss: [\d.]+.*)', text)}
+    pattern = rf'Iter\(train\) \[\s*(\d+)/{total}\](.*lr: .*loss: [\d.]+.*)'
+    return {int(i): line for i, line in re.findall(pattern, text)}
 
 
 @pytest.mark.slow
@@ -353,6 +355,7 @@ def test_cpu_bf16_optim_wrapper_trains_backbone_and_neck_in_bf16():
     """``tools/train.py --amp`` on CPU: bf16 autocast of the backbone and neck, float32 heads
     (mmcv's CPU nms / RoIAlign), finite losses, the modules' own forward back afterwards."""
     from mmdet.testing import demo_mm_inputs
+
     from mmdat.engine import CPUBF16OptimWrapper
     model = _nano_detector().train()
     wrapper = CPUBF16OptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))

@@ -4,8 +4,7 @@ import torch
 import torch.nn as nn
 
 from mmdat.models.backbones.dat import DATBlock
-from mmdat.models.layers import ConvMlp
-from mmdat.models.layers import residual_dwconv as module
+from mmdat.models.layers import ConvMlp, residual_dwconv as module
 from mmdat.models.layers.residual_dwconv import residual_dwconv
 from mmdat.ops.dwconv import cpu
 

@@ -59,9 +59,10 @@ def shapes(tmp_path_factory):
 
 
 def test_shapes_dataset_layout_and_determinism(shapes, tmp_path):
-    from mmdat.datasets.shapes import make_shapes_dataset
     import cv2
     import numpy as np
+
+    from mmdat.datasets.shapes import make_shapes_dataset
     coco = json.load(open(osp.join(shapes, 'annotations', 'instances_train.json')))
     assert len(coco['images']) == 12 and [c['name'] for c in coco['categories']] == ['circle', 'square', 'triangle']
     assert coco['annotations'] and all(a['category_id'] in (1, 2, 3) for a in coco['annotations'])
@@ -179,9 +180,10 @@ class _GetattrPayload:
 
 
 def test_crafted_checkpoint_does_not_execute(tmp_path):
-    import mmdat  # noqa: F401  installs the safe globals
     from mmengine.logging import HistoryBuffer
     from mmengine.runner import CheckpointLoader
+
+    import mmdat  # noqa: F401  installs the safe globals
 
     marker = tmp_path / 'pwned'
     evil = tmp_path / 'evil.pth'
@@ -209,11 +211,12 @@ def test_demo_roi_features_read_dat_maps_correctly():
     """mmcv 2.1's RoIAlign reads its input as contiguous NCHW memory and pools wrong values
     from channels-last views, which DAT's output norms used to leave. The RoI extractors
     must give what RoIAlign gives on contiguous copies of the same maps."""
-    import mmdat  # noqa: F401
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
     from mmdet.registry import MODELS
     from mmdet.structures.bbox import bbox2roi
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    import mmdat  # noqa: F401
     init_default_scope('mmdet')
     cfg = Config.fromfile(DET_CFG)
     torch.manual_seed(0)

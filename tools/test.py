@@ -13,11 +13,11 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repo, for a source checkout
 
-import mmdat  # noqa: E402,F401  registers DAT; lets torch.load read mmengine checkpoints
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS, init_default_scope  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+import mmdat  # noqa: E402,F401  registers DAT; lets torch.load read mmengine checkpoints
 from mmdat.models.backbones.dat_checkpoint import checkpoint_for_loading  # noqa: E402
 from mmdat.utils.launch import load_config, resolve_default_scope, setup_cpu_distributed  # noqa: E402
 

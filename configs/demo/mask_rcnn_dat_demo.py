@@ -91,7 +91,8 @@ param_scheduler = [
          eta_min=lr * 0.02),
 ]
 # fp32 (the paper config's fp16 AmpOptimWrapper needs a GPU)
-optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=lr, weight_decay=0.05), clip_grad=dict(max_norm=10.0, norm_type=2))
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=lr, weight_decay=0.05),
+                     clip_grad=dict(max_norm=10.0, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=8)
 
 default_hooks = dict(

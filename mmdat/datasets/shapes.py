@@ -25,7 +25,7 @@ import json
 import os
 import os.path as osp
 import zlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np

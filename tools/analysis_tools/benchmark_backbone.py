@@ -132,9 +132,10 @@ def _import(case):
     if case['kind'] == 'block':
         from mmdat.models.layers.deformable_attention import DeformableAttention
         return DeformableAttention
-    import mmdat  # noqa: F401  registers DAT
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+
+    import mmdat  # noqa: F401  registers DAT
     register_all_modules()
     return MODELS
 

@@ -10,12 +10,11 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.nn.init import trunc_normal_
 
-from ..layers import (ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention,
-                      WindowAttention)
+from ...ops.config import check_attn_impl
+from ..layers import ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention, WindowAttention
 from ..layers.deformable_attention import FLAVORS, _pair
 from ..layers.drop_path import DropPathResidual
 from ..layers.residual_dwconv import residual_dwconv
-from ...ops.config import check_attn_impl
 
 SPEC_LETTERS = {
     'L': 'window attention',

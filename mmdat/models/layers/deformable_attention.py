@@ -4,11 +4,8 @@ import torch
 import torch.nn as nn
 from torch.nn.init import trunc_normal_
 
-from ...ops import config
-from ...ops import deformable as deformable_ops
-from ...ops.deformable.reference import axis_grid as _axis_grid
-from ...ops.deformable.reference import grid as _grid
-from ...ops.deformable.reference import size_max
+from ...ops import config, deformable as deformable_ops
+from ...ops.deformable.reference import axis_grid as _axis_grid, grid as _grid, size_max
 from .norm import LayerNorm2d
 
 FLAVORS = ('v1', 'pp')

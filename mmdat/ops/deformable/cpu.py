@@ -461,9 +461,9 @@ def _forward(q, k, v, pos, table, qy, qx, groups: int, tile_elements: Optional[i
         kt = kv[g].reshape(n * Mg, d, Ns)
         m = bias.forward_tile(g, a, S, kt, qt, buf2)
         o = torch.bmm(vv[g].reshape(n * Mg, d + 1, Ns), _flat(S))
-        l = o[:, d:]
-        torch.div(o[:, :d].view(n, Mg, d, A, W), l.view(n, Mg, 1, A, W), out=out.view(BG, Mg, d, H, W)[g, :, :, a])
-        lse.view(BG, Mg, H, W)[g, :, a] = l.view(n, Mg, A, W)
+        denom = o[:, d:]
+        torch.div(o[:, :d].view(n, Mg, d, A, W), denom.view(n, Mg, 1, A, W), out=out.view(BG, Mg, d, H, W)[g, :, :, a])
+        lse.view(BG, Mg, H, W)[g, :, a] = denom.view(n, Mg, A, W)
         mx.view(BG, Mg, H, W)[g, :, a] = m.view(n, Mg, A, W)
     lse.log_().add_(mx)
     return out, lse
