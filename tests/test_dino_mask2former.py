@@ -1,8 +1,7 @@
 """DINO (mmdet) and Mask2Former (mmseg) with DAT: the four configs build at their real
 size with the recipes' parameter groups reaching DAT; DAT-T++'s, shrunk to a nano width on
 the demo's shapes data, train (the loss is finite and falls from the first iteration to the
-second on one fixed batch) and evaluate (COCO bbox mAP, mIoU). The v1 configs differ from
-them in the backbone only, whose training the other tests cover."""
+second on one fixed batch) and evaluate (COCO bbox mAP, mIoU), for both flavours."""
 import copy
 import math
 import os.path as osp
@@ -11,7 +10,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import NANO_PP, REPO
+from conftest import NANO_PP, NANO_V1, REPO
 
 CONFIGS = {
     'dino_datpp_t_1x': ('mmdet', (128, 256, 512)),
@@ -20,7 +19,6 @@ CONFIGS = {
     'mask2former_dat_t_160k': ('mmseg', (96, 192, 384, 768)),
 }
 ITERS = 2
-DIMS = NANO_PP['embed_dims']
 WIDTH = 64  # transformer width of the shrunk heads
 CLASSES = ('circle', 'square', 'triangle')
 
@@ -84,14 +82,14 @@ def shapes(tmp_path_factory):
     return make_shapes_dataset(root, num_train=2, num_val=2, num_cls_train=3, num_cls_val=3)
 
 
-def _nano_dino(cfg: Config, root: str) -> Config:
+def _nano_dino(cfg: Config, root: str, arch: dict) -> Config:
     # mmdet 3.3's DINO decoder encodes its reference points at 128 features per coordinate
     # (a fixed 2 x 256): the transformer keeps its width of 256, with fewer layers and queries
     root = root.rstrip('/') + '/'
     cfg.merge_from_dict(dict(model=dict(
         num_queries=30,
-        backbone=dict(arch=dict(NANO_PP, _delete_=True), init_cfg=None),
-        neck=dict(in_channels=list(DIMS[1:])),
+        backbone=dict(arch=dict(arch, _delete_=True), init_cfg=None),
+        neck=dict(in_channels=list(arch['embed_dims'][1:])),
         encoder=dict(num_layers=1, layer_cfg=dict(ffn_cfg=dict(feedforward_channels=256))),
         decoder=dict(num_layers=2, layer_cfg=dict(ffn_cfg=dict(feedforward_channels=256))),
         bbox_head=dict(num_classes=len(CLASSES)),
@@ -120,7 +118,8 @@ def _nano_mask2former(cfg: Config, root: str, arch: dict) -> Config:
         data_preprocessor=dict(size=(128, 128)),
         backbone=dict(arch=dict(arch, _delete_=True), init_cfg=None),
         decode_head=dict(
-            in_channels=list(DIMS), feat_channels=WIDTH, out_channels=WIDTH, num_queries=20, num_classes=num_classes,
+            in_channels=list(arch['embed_dims']), feat_channels=WIDTH, out_channels=WIDTH, num_queries=20,
+            num_classes=num_classes,
             pixel_decoder=dict(encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer, ffn_cfg=ffn)),
                                positional_encoding=dict(num_feats=WIDTH // 2)),
             positional_encoding=dict(num_feats=WIDTH // 2),
@@ -168,15 +167,20 @@ def _assert_learns(losses):
     assert max(losses[1:]) < losses[0], losses
 
 
-def test_dino_trains_and_evaluates_on_the_demo_data(shapes, tmp_path):
-    cfg = _nano_dino(_load('dino_datpp_t_1x'), shapes)
+NANO = [pytest.param('datpp', NANO_PP, id='pp'), pytest.param('dat', NANO_V1, id='v1')]
+
+
+@pytest.mark.parametrize('flavour,arch', NANO)
+def test_dino_trains_and_evaluates_on_the_demo_data(shapes, tmp_path, flavour, arch):
+    cfg = _nano_dino(_load(f'dino_{flavour}_t_1x'), shapes, arch)
     losses, metrics = _train_and_evaluate(cfg, str(tmp_path), lr=1e-3)
     _assert_learns(losses)
     assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0, metrics
 
 
-def test_mask2former_trains_and_evaluates_on_the_demo_data(shapes, tmp_path):
-    cfg = _nano_mask2former(_load('mask2former_datpp_t_160k'), shapes, NANO_PP)
+@pytest.mark.parametrize('flavour,arch', NANO)
+def test_mask2former_trains_and_evaluates_on_the_demo_data(shapes, tmp_path, flavour, arch):
+    cfg = _nano_mask2former(_load(f'mask2former_{flavour}_t_160k'), shapes, arch)
     losses, metrics = _train_and_evaluate(cfg, str(tmp_path), lr=1e-3)
     _assert_learns(losses)
     assert 0.0 <= metrics['mIoU'] <= 100.0, metrics
