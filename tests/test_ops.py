@@ -1,5 +1,7 @@
 """The deformable attention ops: schema, fake tensors, autograd registration and values of
 every gradient against the official formulation in float64; bad input."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -155,3 +157,26 @@ def test_a_failed_kernel_build_falls_back_with_a_warning(monkeypatch, tmp_path):
         cpu.native_library.cache_clear()
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(again, expected, atol=1e-12, rtol=0)
+
+
+BARE_MACHINE = """
+import sys
+for name in ('mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'cv2'):
+    sys.modules[name] = None  # importing them fails, as on a GPU machine with torch only
+import torch
+import mmdat
+from mmdat.ops import deformable
+assert not mmdat.OPENMMLAB
+loaded = sorted({k.split('.')[0] for k, m in sys.modules.items() if m is not None})
+assert not set(loaded) & {'mmengine', 'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'cv2'}, loaded
+q, k, v = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+pos, grid = torch.rand(1, 6, 2) * 2 - 1, torch.linspace(-1, 1, 3)
+out = deformable.deformable_attention('cpu', q, k, v, pos, None, grid, torch.linspace(-1, 1, 5), 1)
+assert out.shape == (2, 4, 3, 5)
+"""
+
+
+def test_ops_import_and_run_with_torch_alone():
+    """``import mmdat.ops`` on a machine without the OpenMMLab stack (the GPU benchmark's)."""
+    run = subprocess.run([sys.executable, '-c', BARE_MACHINE], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
