@@ -205,7 +205,7 @@ class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.partition('.')[0] in {'mmcv', 'mmdet', 'mmseg', 'mmpretrain', 'cv2', 'matplotlib', 'timm',
                                       'torchvision', 'natten'}:
-            raise ImportError(name + ' is not installed on a bare GPU machine')
+            raise ModuleNotFoundError(name + ' is not installed on a bare GPU machine', name=name)
 sys.meta_path.insert(0, NotInstalled())
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')

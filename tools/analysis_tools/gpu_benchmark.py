@@ -41,7 +41,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
 from importlib import metadata
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -92,21 +91,14 @@ def parse_args(argv=None):
 
 
 def import_mmdat():
-    """``(DAT, attention_impl)``. Through ``import mmdat`` where it works, else with a bare
-    package object for ``mmdat`` so that ``mmdat.models`` and ``mmdat.ops`` import without
-    ``mmdat/__init__.py`` (which registers datasets and transforms: mmcv, opencv)."""
+    """``(DAT, attention_impl, how)``. ``import mmdat`` skips its OpenMMLab glue where mmcv or
+    mmengine is missing; ``mmdat.models`` then needs mmengine alone."""
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    try:
-        import mmdat  # noqa: F401
-        how = 'import mmdat'
-    except ImportError as e:
-        package = types.ModuleType('mmdat')
-        package.__path__ = [osp.join(REPO, 'mmdat')]
-        sys.modules['mmdat'] = package
-        how = f'mmdat.models alone (import mmdat: {e})'
+    import mmdat
     from mmdat.models.backbones.dat import DAT
     from mmdat.ops.config import attention_impl
+    how = 'import mmdat' if mmdat.OPENMMLAB else 'mmdat.models alone (no mmcv / mmengine glue)'
     return DAT, attention_impl, how
 
 
