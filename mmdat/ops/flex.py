@@ -12,13 +12,24 @@ it is for verification, not for speed.
 ``score_mod(score, b, h, q_idx, kv_idx, *buffers)`` takes its tensors as trailing arguments,
 ``buffers``, instead of closing over them, so that both calls see the same function.
 
+A failed kernel build never stops training: :func:`with_fallback` runs a kind's fused path
+and, where compiling it fails (Inductor, Triton, :func:`compile_failure`), warns once and runs
+the kind's fallback from then on. The backward is lowered with the forward, so that its
+compile failures surface in the forward call, where they can be caught.
+
 Imports torch only.
 """
+import contextlib
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
+
+from .config import warn_once
+
+#: Attention kinds whose FlexAttention failed to compile in this process, and why.
+_failures: Dict[str, str] = {}
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,6 +44,68 @@ def _compiled(entry: Callable) -> Callable:
     # dynamic=None: the first map size compiles static, another one recompiles with dynamic
     # sizes, so multi-scale training does not run into the recompile limit
     return torch.compile(entry)
+
+
+def _lower_backward_with_forward():
+    # AOTAutograd otherwise lowers the backward at the first backward call, where no caller
+    # of ours can catch a failure (the option is in torch 2.11 and 2.13; checked, not assumed)
+    import torch._functorch.config as config  # not loaded by `import torch`
+
+    if 'force_non_lazy_backward_lowering' in config.get_config_copy():
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def compile_failure(exc: BaseException) -> Optional[str]:
+    """Why building the fused kernels failed, when ``exc`` (or an exception it chains to) says
+    so: torch.compile's backend (``BackendCompilerFailed``, Inductor's ``InductorError``),
+    Dynamo itself (``InternalTorchDynamoError``), Inductor or Triton at the first launch.
+    ``None`` for anything else (out of memory, wrong operands): a fallback would not help."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return None
+    from torch._dynamo import exc as dynamo_exc
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        module = type(exc).__module__ or ''
+        if (isinstance(exc, (dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError))
+                or module.split('.')[0] == 'triton' or module.startswith('torch._inductor')):
+            inner = getattr(exc, 'inner_exception', None) or exc
+            lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+            return f'{type(inner).__name__}: {lines[0] if lines else ""}'[:300]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def compile_failures() -> Dict[str, str]:
+    """The attention kinds running their fallback in this process, and why (see
+    :func:`with_fallback`)."""
+    return dict(_failures)
+
+
+def with_fallback(kind: str, fused: Callable, fallback: Callable, *args):
+    """``fused(*args)``, the FlexAttention path of ``kind``; where compiling it fails
+    (:func:`compile_failure` says why), a warning naming the reason and ``fallback(*args)``,
+    then and for the rest of the process.
+
+    Inside an enclosing ``torch.compile`` the call is traced as it is, nothing caught: the
+    enclosing compile fails as a whole.
+    """
+    if kind in _failures:
+        return fallback(*args)
+    if torch.compiler.is_compiling():
+        return fused(*args)
+    try:
+        return fused(*args)
+    except Exception as exc:
+        reason = compile_failure(exc)
+        if reason is None:
+            raise
+    _failures[kind] = reason
+    warn_once(f'mmdat: FlexAttention for the {kind} attention could not be compiled ({reason}); '
+              f'running {fallback.__module__}.{fallback.__name__} instead from now on (slower, more memory)')
+    return fallback(*args)
 
 
 def _dense_flex_attention(q, k, v, score_mod, buffers, block_mask, scale):
@@ -59,7 +132,13 @@ def flex_attention_call(entry: Callable, q: torch.Tensor, k: torch.Tensor, v: to
     against its recompile limit) per code object, so each attention kind has its own.
     """
     if q.device.type == 'cuda':
-        mod = None if score_mod is None else (lambda s, b, h, i, j: score_mod(s, b, h, i, j, *buffers))
-        fn = entry if torch.compiler.is_compiling() else _compiled(entry)
-        return fn(q, k, v, mod, block_mask, scale)
+        return _fused_flex_attention(entry, q, k, v, score_mod, buffers, block_mask, scale)
     return _dense_flex_attention(q, k, v, score_mod, buffers, block_mask, scale)
+
+
+def _fused_flex_attention(entry, q, k, v, score_mod, buffers, block_mask, scale):
+    mod = None if score_mod is None else (lambda s, b, h, i, j: score_mod(s, b, h, i, j, *buffers))
+    if torch.compiler.is_compiling():
+        return entry(q, k, v, mod, block_mask, scale)
+    with _lower_backward_with_forward():
+        return _compiled(entry)(q, k, v, mod, block_mask, scale)

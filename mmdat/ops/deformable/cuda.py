@@ -9,6 +9,10 @@ Layout: heads of a group share their key positions, so FlexAttention's batch is 
 (indexing the positions) and its heads are the group's ``M / G`` heads; the table head of
 flex (batch ``b``, head ``h``) is ``(b % G) * M / G + h``.
 
+Where FlexAttention cannot be compiled (an Inductor or Triton error on the user's GPU), the
+path warns once and runs :func:`deformable_attention_sdpa_bias` instead
+(:func:`mmdat.ops.flex.with_fallback`).
+
 Off CUDA the same ``score_mod`` runs through FlexAttention's dense math path (see
 :mod:`mmdat.ops.flex`; it materialises the scores: for verification only).
 
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from ..flex import compute_dtype, flex_attention_call
+from ..flex import compute_dtype, flex_attention_call, with_fallback
 from .reference import position_bias
 
 
@@ -156,5 +160,11 @@ def deformable_attention_sdpa_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return out.transpose(-1, -2).reshape(BM, d, H, W)
 
 
-#: The CUDA path :func:`mmdat.ops.deformable.deformable_attention` runs.
-deformable_attention = deformable_attention_flex
+def deformable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                         table: Optional[torch.Tensor], qy: torch.Tensor, qx: torch.Tensor,
+                         groups: int) -> torch.Tensor:
+    """The CUDA path :func:`mmdat.ops.deformable.deformable_attention` runs:
+    :func:`deformable_attention_flex`, or :func:`deformable_attention_sdpa_bias` once compiling
+    FlexAttention has failed in this process (warned once; :func:`mmdat.ops.flex.with_fallback`)."""
+    return with_fallback('deformable', deformable_attention_flex, deformable_attention_sdpa_bias,
+                         q, k, v, pos, table, qy, qx, groups)

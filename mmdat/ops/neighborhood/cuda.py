@@ -10,6 +10,10 @@ tile, the key tiles its neighborhoods touch. It is built from the map size alone
 per ``(H, W, kernel_size, device)``; the positions of the padded tiles are never keys and
 the outputs there are dropped.
 
+Where FlexAttention cannot be compiled (an Inductor or Triton error on the user's GPU), the
+path warns once and runs the gather formulation of :mod:`.reference` instead
+(:func:`mmdat.ops.flex.with_fallback`).
+
 Imports torch only.
 """
 import functools
@@ -19,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..flex import compute_dtype, flex_attention_call
+from ..flex import compute_dtype, flex_attention_call, with_fallback
+from . import reference
 
 #: Rows x columns of positions in one FlexAttention block (128 tokens).
 TILE = (8, 16)
@@ -159,5 +164,10 @@ def neighborhood_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return tn.from_tiles(out)
 
 
-#: The CUDA path of the neighborhood attention ops.
-neighborhood_attention = neighborhood_attention_flex
+def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                           kernel_size: int) -> torch.Tensor:
+    """The CUDA path of the neighborhood attention ops: :func:`neighborhood_attention_flex`, or
+    the gather formulation (:func:`.reference.neighborhood_attention`) once compiling
+    FlexAttention has failed in this process (warned once; :func:`mmdat.ops.flex.with_fallback`)."""
+    return with_fallback('neighborhood', neighborhood_attention_flex, reference.neighborhood_attention,
+                         q, k, v, bias_table, kernel_size)
