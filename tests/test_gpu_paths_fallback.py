@@ -1,9 +1,15 @@
 """The CUDA paths' fallback where FlexAttention cannot be compiled (mmdat.ops.flex.with_fallback),
-and their compiled branch up to Inductor, on CPU.
+their compiled branch up to Inductor, and the GPU benchmark's compile and captured-gradient
+sections, on CPU.
 
 On CPU the CUDA paths call FlexAttention's dense math path where CUDA calls the compiled
 entry: the fallback tests make that call raise what a failed kernel build raises.
 """
+import json
+import os.path as osp
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -13,6 +19,8 @@ from torch._inductor.exc import InductorError
 from mmdat.ops import config, flex
 from mmdat.ops.deformable import cuda as deformable_cuda, reference as deformable_reference
 from mmdat.ops.neighborhood import cuda as neighborhood_cuda, reference as neighborhood_reference
+
+from conftest import REPO, subprocess_env
 
 
 class OutOfResources(RuntimeError):
@@ -212,3 +220,27 @@ def test_cuda_branch_traces_and_recompiles_once_with_dynamic_sizes(fused_branch_
     assert graphs == [1, 2, 2, 1, 2, 2]
     assert flex.compile_failures() == {}
 
+
+def test_gpu_benchmark_smoke_runs_the_compile_and_captured_sections(tmp_path):
+    out = tmp_path / 'bench.json'
+    script = osp.join(REPO, 'tools', 'analysis_tools', 'gpu_benchmark.py')
+    proc = subprocess.run([sys.executable, script, '--smoke', '--sections', 'compile', 'captured', '--out', str(out)],
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    errors = [r for section in ('compile', 'captured') for r in report[section] if 'error' in r]
+    assert errors == [], errors
+    compile_rows = report['compile']
+    sizes = report['settings']['compile_sizes']
+    assert [(r['block'], r['size']) for r in compile_rows] == [
+        (block, size) for block in ('datpp_t.s2.D', 'datpp_t.s2.N', 'dat_t.s1.L') for size in sizes]
+    assert all(r['first_s'] > 0 and r['steady_ms'] > 0 and r['out_error'] < 5e-2 for r in compile_rows)
+    assert len({tuple(r['map']) for r in compile_rows if r['block'] == 'datpp_t.s2.D'}) == 3  # three map sizes
+    variants = {r['variant'] for r in report['captured']}
+    assert variants == {'all', 'both detached', 'no bias', 'sdpa_bias', 'pos detached', 'table detached'}
+    assert all(r['ms'] > 0 for r in report['captured'])
+    shares = report['captured_shares']
+    assert [s['block'] for s in shares] == ['datpp_t.s4.D']
+    assert shares[0]['captured_grads_ms'] is not None and shares[0]['backward_ms'] is not None
+    assert report['compile_failures'] == {}
+    assert 'compile: first calls' in proc.stdout and 'captured' in proc.stdout

@@ -5,6 +5,17 @@
 
 What it measures, at 800x1344, batch 2, in float32 and under fp16 autocast (``--precisions``):
 
+* ``compile`` (first, so that nothing is compiled yet): a DAT-T++ stage-2 ``D`` block, then an
+  ``N`` block, then DAT-T's stage-1 ``L`` block at three image sizes in a row, as multi-scale
+  training does, under autocast: the first call's time (forward + backward, the compile
+  included), the steady time after it, the graphs Dynamo then holds for the kind's
+  FlexAttention entry (a second size recompiles with dynamic sizes; a third should not),
+  the output against the reference formulation, errors and fallbacks;
+* ``captured``: the attention op of two ``D`` blocks (DAT-T++ stage 1, DAT-T stage 3) on the
+  operands the block passes it, forward + backward under autocast, with gradients to q, k,
+  v, the table and the positions (``all``), with the positions, the table or both detached
+  (FlexAttention's backward then skips their atomic adds), without the bias, and by the
+  SDPA fallback; ``captured_shares`` gives the captured tensors' part of the time;
 * ``blocks``: the attention module of each DAT-T ``D`` block (stages 3, 4), each DAT-T++ ``N``
   and ``D`` block (stages 1-4) and DAT-T's stage-1 ``L`` and ``S`` blocks, on a random input
   of the stage's shape, forward + backward, with the fast path (on CUDA: the FlexAttention /
@@ -22,8 +33,11 @@ What it measures, at 800x1344, batch 2, in float32 and under fp16 autocast (``--
 Time: CUDA events around each step, the median (and min) of ``--repeats`` steps after
 ``--warmup`` (the warm-up steps also compile the FlexAttention kernels). Memory:
 ``torch.cuda.max_memory_allocated()`` over the timed steps (``peak``: weights and input
-included; ``+peak``: above what was allocated before the first timed step). ``--budget-s``
-bounds the whole run: cases left when it is spent are listed as skipped.
+included; ``+peak``: above what was allocated before the first timed step); ``first_s``: the
+first warm-up step. ``--budget-s`` bounds the whole run: cases left when it is spent are
+listed as skipped. Dynamo's recompile limit is raised (the run compiles more variants of an
+entry than training does: dtypes, detached inputs); ``flex_graphs`` reports how many it
+compiled, ``compile_failures`` which kinds ran their fallback and why.
 
 Requirements: torch >= 2.11 (with triton on CUDA) and mmengine (the DAT backbone is an
 MMEngine ``BaseModule``), nothing else: where ``import mmdat`` needs more (opencv, mmcv),
@@ -62,6 +76,22 @@ BLOCKS = [('dat_t', 0, 'L'), ('dat_t', 0, 'S'), ('dat_t', 2, 'D'), ('dat_t', 3, 
           ('datpp_t', 2, 'N'), ('datpp_t', 2, 'D'), ('datpp_t', 3, 'D')]
 #: ``--smoke``: one block of each kind
 SMOKE_BLOCKS = [('dat_t', 0, 'S'), ('datpp_t', 0, 'N'), ('datpp_t', 3, 'D')]
+#: ``compile``: blocks run at each of these image sizes in a row (the stage-2 maps of DAT-T++:
+#: 100x168, 80x136, 92x152; different numbers of neighborhood tiles)
+COMPILE_BLOCKS = [('datpp_t', 1, 'D'), ('datpp_t', 1, 'N'), ('dat_t', 0, 'L')]
+COMPILE_SIZES = ['800x1344', '640x1088', '736x1216']
+SMOKE_COMPILE_SIZES = ['64x64', '96x128', '80x112']
+#: ``captured``: D blocks whose attention op runs with and without the captured tensors' gradients
+CAPTURED_BLOCKS = [('datpp_t', 0, 'D'), ('dat_t', 2, 'D')]
+SMOKE_CAPTURED_BLOCKS = [('datpp_t', 3, 'D')]
+#: variant: the operands that get a gradient (most telling first: the time budget may cut the rest)
+CAPTURED_VARIANTS = {'all': 'q k v pos table', 'both detached': 'q k v', 'no bias': 'q k v',
+                     'sdpa_bias': 'q k v pos table', 'pos detached': 'q k v table', 'table detached': 'q k v pos'}
+#: the order sections run in (``compile`` first: nothing compiled before it)
+SECTIONS = ['compile', 'parity', 'captured', 'backbones', 'blocks']
+#: Dynamo's per-function recompile limit during the run (its default, 8, is below what the
+#: variants here compile for the deformable entry)
+RECOMPILE_LIMIT = 32
 SWIN_T = 'swin_tiny_patch4_window7_224'
 
 
@@ -74,20 +104,25 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=2)
     p.add_argument('--precisions', nargs='+', default=['fp32', 'amp'], choices=['fp32', 'amp'])
     p.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
-    p.add_argument('--sections', nargs='+', default=['parity', 'backbones', 'blocks'],
-                   choices=['parity', 'backbones', 'blocks'],
-                   help='parts to run, in the order parity, backbones, blocks (the first cases compile the kernels)')
+    p.add_argument('--sections', nargs='+', default=SECTIONS, choices=SECTIONS,
+                   help=f'parts to run, in the order {", ".join(SECTIONS)} (compile first: it times the first calls)')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--repeats', type=int, default=10)
     p.add_argument('--budget-s', type=float, default=270., help='stop starting cases after this many seconds')
     p.add_argument('--out', default=None, help='JSON file (default: work_dirs/gpu_benchmark/<device>.json)')
     args = p.parse_args(argv)
     args.blocks, args.backbone_precisions = BLOCKS, args.precisions
+    args.compile_sizes, args.captured_blocks = COMPILE_SIZES, CAPTURED_BLOCKS
     if args.smoke:
         args.size, args.batch, args.warmup, args.repeats = '64x64', 1, 0, 1
         args.blocks, args.backbone_precisions = SMOKE_BLOCKS, ['fp32']
-    args.hw = tuple(int(s) for s in args.size.lower().split('x'))
+        args.compile_sizes, args.captured_blocks = SMOKE_COMPILE_SIZES, SMOKE_CAPTURED_BLOCKS
+    args.hw = _hw(args.size)
     return args
+
+
+def _hw(size: str) -> Tuple[int, int]:
+    return tuple(int(s) for s in size.lower().split('x'))
 
 
 def import_mmdat():
@@ -130,7 +165,8 @@ def environment(device: torch.device) -> dict:
 
     env = dict(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                triton=version('triton'), timm=version('timm'), mmengine=version('mmengine'),
-               device=device.type, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+               device=device.type, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+               recompile_limit=_dynamo_config('recompile_limit'))
     if device.type == 'cuda':
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, capability=f'{props.major}.{props.minor}',
@@ -145,6 +181,37 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _dynamo_config(name, value=None):
+    """Dynamo's config ``name`` (set to ``value`` first, when given), ``None`` where it has none."""
+    import torch._dynamo.config as config  # `import torch` alone does not load it
+    if name not in config.get_config_copy():
+        return None
+    if value is not None:
+        setattr(config, name, value)
+    return getattr(config, name)
+
+
+def flex_graphs() -> Dict[str, Optional[int]]:
+    """How many compiled graphs Dynamo holds for each kind's FlexAttention entry (``None``
+    where this torch cannot tell)."""
+    import torch._dynamo.eval_frame
+
+    from mmdat.ops.deformable import cuda as deformable_cuda
+    from mmdat.ops.neighborhood import cuda as neighborhood_cuda
+    graphs = {}
+    for kind, entry in (('deformable', deformable_cuda._flex_entry), ('neighborhood', neighborhood_cuda._flex_entry)):
+        try:
+            graphs[kind] = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(entry.__code__))
+        except Exception:  # a private helper: gone in some torch
+            graphs[kind] = None
+    return graphs
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 class Timer:
     """Median / min time of ``step`` over ``repeats`` after ``warmup``, and peak memory."""
 
@@ -153,8 +220,13 @@ class Timer:
 
     def __call__(self, step: Callable[[], None]) -> dict:
         cuda = self.device.type == 'cuda'
-        for _ in range(self.warmup):
+        first_s = None
+        for i in range(self.warmup):
+            t = time.perf_counter()
             step()
+            if i == 0:  # compiles what the step needs compiled
+                _sync(self.device)
+                first_s = time.perf_counter() - t
         if cuda:
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
@@ -173,6 +245,8 @@ class Timer:
                 step()
                 times.append((time.perf_counter() - t) * 1e3)
         result = dict(ms=statistics.median(times), min_ms=min(times))
+        if first_s is not None:
+            result['first_s'] = round(first_s, 2)
         if cuda:
             peak = torch.cuda.max_memory_allocated(self.device)
             result.update(peak_mib=peak / 2 ** 20, peak_above_base_mib=(peak - base) / 2 ** 20)
@@ -244,6 +318,129 @@ def parity(module, x, device, precision, amp_dtype, attention_impl) -> dict:
                 grad_offset_max=max([e for n, e in params.items() if n.startswith('offset.')], default=None))
 
 
+def block_step(attn, x, device, precision, amp_dtype, attention_impl, impl) -> Callable[[], torch.Tensor]:
+    """One forward + backward of ``attn`` on ``x`` (which requires grad) with ``impl``; returns the output."""
+    def step():
+        attn.zero_grad(set_to_none=True)
+        x.grad = None
+        with attention_impl(impl), _autocast(device, precision, amp_dtype):
+            out = attn(x)
+        out.float().sum().backward()
+        return out.detach()
+    return step
+
+
+#: the FlexAttention entry a block letter compiles (none for window attention: SDPA)
+_FLEX_KIND = {'D': 'deformable', 'N': 'neighborhood'}
+
+
+def first_calls(attn, x, letter, device, precision, amp_dtype, attention_impl, repeats) -> dict:
+    """The fast path's first call on ``x`` (compile included), its steady time after, the
+    graphs the kind's FlexAttention entry then has, and its output against the reference."""
+    from mmdat.ops.flex import compile_failures
+    kind = _FLEX_KIND.get(letter)
+    step = block_step(attn, x, device, precision, amp_dtype, attention_impl, 'fast')
+    before = flex_graphs().get(kind)
+    t = time.perf_counter()
+    out = step()
+    _sync(device)
+    first_s = time.perf_counter() - t
+    steady = Timer(device, 0, repeats)(step)
+    after = flex_graphs().get(kind)
+    with torch.no_grad(), attention_impl('reference'), _autocast(device, precision, amp_dtype):
+        ref = attn(x)
+    return dict(first_s=round(first_s, 2), steady_ms=steady['ms'], graphs=after,
+                new_graphs=None if before is None or after is None else after - before,
+                out_error=_relative_error(out, ref), fallback=compile_failures().get(kind) if kind else None)
+
+
+class _Caught(Exception):
+    pass
+
+
+def deformable_operands(attn, x, device, precision, amp_dtype, attention_impl) -> list:
+    """The operands a ``D`` block passes its attention op (caught on the way in: the op does
+    not run), detached: ``q, k, v, pos, table, qy, qx, groups``."""
+    from mmdat.ops import deformable as deformable_ops
+    original, operands = deformable_ops.deformable_attention, []
+
+    def catch(backend, *args):
+        operands.extend(args)
+        raise _Caught
+
+    deformable_ops.deformable_attention = catch
+    try:
+        with torch.no_grad(), attention_impl('fast'), _autocast(device, precision, amp_dtype):
+            attn(x)
+    except _Caught:
+        pass
+    finally:
+        deformable_ops.deformable_attention = original
+    if len(operands) != 8:
+        raise RuntimeError('the block did not call mmdat.ops.deformable.deformable_attention as expected')
+    return [a.detach() if torch.is_tensor(a) else a for a in operands]
+
+
+def captured_case(operands, variant, device, precision, amp_dtype, timer) -> dict:
+    """Forward + backward of the deformable op with the gradients of ``CAPTURED_VARIANTS[variant]``
+    (by FlexAttention; ``sdpa_bias``: by the fallback); for ``all`` also the forward alone."""
+    from mmdat.ops.deformable import cuda as deformable_cuda
+    q, k, v, pos, table, qy, qx, groups = operands
+    wanted = CAPTURED_VARIANTS[variant].split()
+    leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in dict(q=q, k=k, v=v, pos=pos, table=table).items()}
+    fn = (deformable_cuda.deformable_attention_sdpa_bias if variant == 'sdpa_bias'
+          else deformable_cuda.deformable_attention_flex)
+    args = (leaves['q'], leaves['k'], leaves['v'], leaves['pos'], None if variant == 'no bias' else leaves['table'],
+            qy, qx, groups)
+    grad_out = []
+
+    def forward():
+        with _autocast(device, precision, amp_dtype):
+            return fn(*args)
+
+    def step():
+        for t in leaves.values():
+            t.grad = None
+        out = forward()
+        if not grad_out:
+            g = torch.Generator(device=device).manual_seed(0)
+            grad_out.append(torch.randn(out.shape, device=device, generator=g, dtype=out.dtype))
+        out.backward(grad_out[0])
+
+    result = dict(grads=' '.join(wanted), **timer(step))
+    if variant == 'all':
+        result['fwd_ms'] = Timer(device, min(timer.warmup, 1), timer.repeats)(forward)['ms']
+    result['flex_graphs'] = flex_graphs()['deformable']
+    return result
+
+
+def captured_shares(rows: List[dict]) -> List[dict]:
+    """Per block: what the captured tensors' gradients (FlexAttention's atomic adds into the
+    positions and the table) add to the op's forward + backward, from the ``captured`` rows."""
+    def ms(variant, key='ms'):
+        r = _find(rows, block=block, variant=variant)
+        return None if r is None else r.get(key)
+
+    def diff(a, b):
+        return None if a is None or b is None else round(a - b, 3)
+
+    def ratio(a, b):
+        return None if a is None or not b else round(a / b, 3)
+
+    shares = []
+    for block in dict.fromkeys(r['block'] for r in rows):
+        total = ms('all')
+        backward = diff(total, ms('all', 'fwd_ms'))
+        captured = diff(total, ms('both detached'))
+        shares.append(dict(block=block, all_ms=total, backward_ms=backward, captured_grads_ms=captured,
+                           captured_share_of_backward=ratio(captured, backward),
+                           captured_share_of_all=ratio(captured, total),
+                           pos_grad_ms=diff(total, ms('pos detached')), table_grad_ms=diff(total, ms('table detached')),
+                           bias_ms=diff(ms('both detached'), ms('no bias')),
+                           sdpa_bias_over_flex=ratio(ms('sdpa_bias'), total)))
+    return shares
+
+
 class Run:
     """The cases of one invocation, their results and the time budget."""
 
@@ -253,7 +450,7 @@ class Run:
         self.amp_dtype = getattr(torch, args.amp_dtype if self.device.type == 'cuda' else 'bfloat16')
         self.timer = Timer(self.device, args.warmup, args.repeats)
         self.start = time.perf_counter()
-        self.results: Dict[str, List[dict]] = {'parity': [], 'blocks': [], 'backbones': []}
+        self.results: Dict[str, List[dict]] = {section: [] for section in SECTIONS}
         self.skipped: List[str] = []
 
     def case(self, section: str, record: dict, fn: Callable[[], dict]):
@@ -288,10 +485,26 @@ def main(argv=None):
     env['mmdat_import'] = how
     print(json.dumps(env, indent=1), flush=True)
 
+    env['recompile_limit'] = _dynamo_config('recompile_limit', RECOMPILE_LIMIT)
     torch.manual_seed(0)
     backbones = {name: DAT(**cfg).to(device) for name, cfg in DAT_BACKBONES.items()}
     for b in backbones.values():
         b.train()
+    # the first precision that is autocast (the training setting), for the sections that run one
+    amp = 'amp' if 'amp' in args.precisions else args.precisions[0]
+
+    if 'compile' in args.sections:
+        sizes = [_hw(s) for s in args.compile_sizes]
+        for i, (name, stage, letter) in enumerate(COMPILE_BLOCKS):
+            for size in sizes:
+                attn, x = block_inputs(backbones[name], stage, letter, size, args.batch, device)
+                x.requires_grad_()
+                if i == 0 and size == sizes[0]:  # CUDA context, cuBLAS and cuDNN set up outside the timings
+                    block_step(attn, x, device, amp, run.amp_dtype, attention_impl, 'reference')()
+                run.case('compile', dict(block=f'{name}.s{stage + 1}.{letter}', size='x'.join(map(str, size)),
+                                         map=list(x.shape[2:]), precision=amp),
+                         lambda: first_calls(attn, x, letter, device, amp, run.amp_dtype, attention_impl,
+                                             max(1, args.repeats // 2)))
 
     if 'parity' in args.sections:
         tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -302,6 +515,19 @@ def main(argv=None):
                 run.case('parity', dict(block=f'{name}.s{stage + 1}.{letter}', precision=precision),
                          lambda: parity(attn, x, device, precision, run.amp_dtype, attention_impl))
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    if 'captured' in args.sections:
+        for name, stage, letter in args.captured_blocks:
+            attn, x = block_inputs(backbones[name], stage, letter, args.hw, args.batch, device)
+            try:
+                operands = deformable_operands(attn, x, device, amp, run.amp_dtype, attention_impl)
+            except Exception as e:
+                run.results['captured'].append(dict(block=f'{name}.s{stage + 1}.{letter}', error=repr(e)[:300]))
+                continue
+            for variant in CAPTURED_VARIANTS:
+                run.case('captured', dict(block=f'{name}.s{stage + 1}.{letter}', variant=variant, precision=amp),
+                         lambda: captured_case(operands, variant, device, amp, run.amp_dtype, run.timer))
+            del operands
 
     if 'backbones' in args.sections:
         x = torch.randn(args.batch, 3, *args.hw, device=device)
@@ -329,22 +555,18 @@ def main(argv=None):
             x.requires_grad_()
             for precision in args.precisions:
                 for impl in ('fast', 'reference'):
-                    def measure():
-                        def step():
-                            attn.zero_grad(set_to_none=True)
-                            x.grad = None
-                            with attention_impl(impl), _autocast(device, precision, run.amp_dtype):
-                                out = attn(x)
-                            out.float().sum().backward()
-                        return run.timer(step)
                     run.case('blocks', dict(block=f'{name}.s{stage + 1}.{letter}', impl=impl, precision=precision),
-                             measure)
+                             lambda: run.timer(block_step(attn, x, device, precision, run.amp_dtype, attention_impl,
+                                                          impl)))
 
+    from mmdat.ops.flex import compile_failures
     report = dict(environment=env, settings=dict(size=args.hw, batch=args.batch, precisions=args.precisions,
                                                   amp_dtype=str(run.amp_dtype), warmup=args.warmup,
-                                                  repeats=args.repeats, smoke=args.smoke),
-                  **run.results, goals=goals(run.results), skipped=run.skipped,
-                  total_s=round(time.perf_counter() - run.start, 1))
+                                                  repeats=args.repeats, smoke=args.smoke,
+                                                  compile_sizes=args.compile_sizes, sections=args.sections),
+                  **run.results, captured_shares=captured_shares(run.results['captured']),
+                  goals=goals(run.results), flex_graphs=flex_graphs(), compile_failures=compile_failures(),
+                  skipped=run.skipped, total_s=round(time.perf_counter() - run.start, 1))
     print(format_report(report))
     out = args.out or osp.join(REPO, 'work_dirs', 'gpu_benchmark',
                                f'{env.get("gpu", "cpu").replace(" ", "_")}{"_smoke" if args.smoke else ""}.json')
@@ -395,6 +617,28 @@ def format_report(report) -> str:
     lines = [f'device: {report["environment"].get("gpu", "cpu")}, torch {report["environment"]["torch"]}, '
              f'CUDA {report["environment"]["cuda"]}; input {report["settings"]["size"]}, '
              f'batch {report["settings"]["batch"]}']
+    if report['compile']:
+        lines += ['', 'compile: first calls of the fast path at map sizes in a row (forward + backward)',
+                  f'{"block":<14} {"size":<9} {"map":<9} {"first s":>8} {"steady ms":>9} {"graphs":>6} {"new":>4} '
+                  f'{"out err":>8}  fallback / error']
+        for r in report['compile']:
+            lines.append(f'{r["block"]:<14} {r["size"]:<9} {"x".join(map(str, r["map"])):<9} '
+                         f'{_num(r.get("first_s"), "{:.2f}"):>8} {_num(r.get("steady_ms")):>9} '
+                         f'{_num(r.get("graphs"), "{}"):>6} {_num(r.get("new_graphs"), "{}"):>4} '
+                         f'{_num(r.get("out_error"), "{:.1e}"):>8}  {r.get("error") or r.get("fallback") or ""}')
+    if report['captured']:
+        lines += ['', 'captured: the D blocks\' op, forward + backward; gradients to',
+                  f'{"block":<14} {"variant":<15} {"grads":<16} {"ms":>8} {"fwd ms":>8} {"+peak MiB":>9}']
+        for r in report['captured']:
+            lines.append(f'{r["block"]:<14} {r.get("variant", "-"):<15} {r.get("grads", ""):<16} '
+                         f'{_num(r.get("ms")):>8} {_num(r.get("fwd_ms")):>8} '
+                         f'{_num(r.get("peak_above_base_mib"), "{:.0f}"):>9}  {r.get("error") or ""}')
+        for c in report['captured_shares']:
+            lines.append(f'{c["block"]}: captured gradients {_num(c["captured_grads_ms"])} ms = '
+                         f'{_num(c["captured_share_of_backward"], "{:.0%}")} of the backward '
+                         f'({_num(c["backward_ms"])} ms), {_num(c["captured_share_of_all"], "{:.0%}")} of forward + '
+                         f'backward; positions {_num(c["pos_grad_ms"])} ms, table {_num(c["table_grad_ms"])} ms; '
+                         f'SDPA fallback / flex {_num(c["sdpa_bias_over_flex"], "{:.2f}")}')
     if report['parity']:
         lines += ['', 'parity (fast vs reference, max |diff| / max |reference|)',
                   f'{"block":<18} {"prec":<5} {"out":>9} {"grad x":>9} {"grad params":>11}  worst param / error']
@@ -415,6 +659,7 @@ def format_report(report) -> str:
         for g in report['goals']:
             state = {True: 'holds', False: 'FAILS', None: 'not measured'}[g['holds']]
             lines.append(f'{g["goal"]:<48} {_num(g["ratio"], "{:.3f}"):>7} <= {g["bound"]:<4} {state}')
+    lines.append(f'FlexAttention graphs: {report["flex_graphs"]}; fallbacks: {report["compile_failures"] or "none"}')
     if report['skipped']:
         lines += ['', f'skipped (time budget): {len(report["skipped"])} cases']
     lines.append(f'total {report["total_s"]} s')
