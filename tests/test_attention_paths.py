@@ -14,7 +14,7 @@ from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_
 from mmdat.models.layers.deformable_attention import DeformableAttention, _axis_grid, deformable_attention_impl
 from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
 from mmdat.models.layers.window_attention import WindowAttention
-from mmdat.ops import build
+from mmdat.ops import build, config
 from mmdat.ops.deformable import cpu as ops
 from mmdat.ops.neighborhood import cpu as na_cpu
 from mmdat.ops.neighborhood.cpu import neighborhood_attention_tiled
@@ -27,16 +27,21 @@ NATIVE = ops.native_library() is not None
 FUSED = NATIVE and build.blas() is not None
 NATIVE_NA = na_cpu.LIBRARY.available()
 needs_native_na = pytest.mark.skipif(not NATIVE_NA, reason='no C compiler')
-#: The CPU implementations of the fast deformable attention: fused C kernels, tiles with the
-#: bias in C, tiles with the bias in PyTorch (as on CUDA)
-DA_IMPLS = [pytest.param('fused', marks=pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')),
-            pytest.param('native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
-            'torch-bias']
 
 
-def _select(impl, monkeypatch, tile=None):
-    monkeypatch.setattr(ops, 'USE_NATIVE', impl != 'torch-bias')
-    monkeypatch.setattr(ops, 'USE_FUSED', impl == 'fused')
+@pytest.fixture(params=[pytest.param('fused', marks=pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')),
+                        pytest.param('native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
+                        'torch-bias'])
+def cpu_strategy(request):
+    """The test runs with the CPU deformable attention op capped to each of
+    ``config.DEFORMABLE_CPU_STRATEGIES`` in turn: fused C kernels, tiles with the bias in C,
+    tiles with the bias in PyTorch."""
+    with config.deformable_cpu_strategy(request.param):
+        yield request.param
+
+
+def _set_tiles(monkeypatch, tile=None):
+    """Logits per tile of every CPU implementation (default: theirs)."""
     if tile is not None:
         monkeypatch.setitem(ops.DEFAULT_TILE_ELEMENTS, 'cpu', tile)
         monkeypatch.setattr(ops, 'FUSED_TILE_ELEMENTS', tile)
@@ -87,15 +92,14 @@ DA_CASES = [  # embed_dims, heads, groups, key stride, offset_range_factor, tabl
 ]
 
 
-@pytest.mark.parametrize('impl', DA_IMPLS)
 @pytest.mark.parametrize('tile', [None, 300, 2000], ids=['default-tiles', 'small-tiles', 'row-tiles'])
 @pytest.mark.parametrize('case', DA_CASES, ids=lambda c: (f'{c[6]}-C{c[0]}-M{c[1]}-G{c[2]}-r{c[3]}-s{c[4]}'
                          f'-{"table" if c[5] else "notable"}-B{c[8]}').replace(' ', ''))
-def test_deformable_paths_agree_float64(case, tile, impl, monkeypatch):
+def test_deformable_paths_agree_float64(case, tile, cpu_strategy, monkeypatch):
     """Outputs and gradients (input, offset network, table, projections) agree to rounding.
     Small tiles split query rows (fused kernels) or groups (tiled path)."""
     C, M, G, r, orf, table, flavor, size, B = case
-    _select(impl, monkeypatch, tile)
+    _set_tiles(monkeypatch, tile)
     module = _perturbed(DeformableAttention(C, M, G, r, 3, orf, table, flavor).double())
     x = torch.randn(B, C, *size, dtype=torch.double)
     reference, fast = _run(module, x, 'reference'), _run(module, x, 'fast')
@@ -105,10 +109,8 @@ def test_deformable_paths_agree_float64(case, tile, impl, monkeypatch):
     assert fast[1]['offset.proj.weight'].abs().sum() > 0
 
 
-@pytest.mark.parametrize('impl', DA_IMPLS)
-def test_deformable_paths_agree_float32(impl, monkeypatch):
+def test_deformable_paths_agree_float32(cpu_strategy):
     """In float32 both paths are equally far from the float64 result (gradients here reach 1e3)."""
-    _select(impl, monkeypatch)
     module = _perturbed(DeformableAttention(64, 4, 2, 2, 5, -1, (14, 14), 'pp'), scale=0.1)
     x = torch.randn(2, 64, 24, 40)
     (ref_out, ref_grads), (fast_out, fast_grads) = _run(module, x, 'reference'), _run(module, x, 'fast')
@@ -131,11 +133,9 @@ def _bias_reference(q, k, v, pos, table, qy, qx, groups):
     return torch.einsum('bmn,bcn->bcm', attn, v).reshape(BM, d, H, W)
 
 
-@pytest.mark.parametrize('impl', DA_IMPLS)
 @pytest.mark.parametrize('where', ['far-outside', 'grid-nodes', 'border', 'huge'])
-def test_bias_matches_grid_sample_at_edges(where, impl, monkeypatch):
+def test_bias_matches_grid_sample_at_edges(where, cpu_strategy):
     """Zero padding at any distance, table borders and exact grid nodes, incl. gradients."""
-    _select(impl, monkeypatch)
     gen = torch.Generator().manual_seed(0)
     B, G, Mg, d, H, W, Th, Tw = 2, 2, 2, 4, 5, 7, 7, 9
     Ns = 12
@@ -188,13 +188,11 @@ def _check_bias_float32(W, Tw, tile):
         torch.testing.assert_close(b.double(), a, atol=2e-5 * max(a.abs().max().item(), 1.), rtol=0, msg=name)
 
 
-@pytest.mark.parametrize('impl', DA_IMPLS)
 @pytest.mark.parametrize('tile', [None, 60], ids=['row-tiles', 'split-rows'])
 @pytest.mark.parametrize('W,Tw', BIAS_DENSITIES, ids=['few-cells', 'cell-per-column', 'wide'])
-def test_bias_float32_at_any_cell_density(W, Tw, tile, impl, monkeypatch):
+def test_bias_float32_at_any_cell_density(W, Tw, tile, cpu_strategy):
     """Float32 bias and gradients against float64 where 16 query columns span a few table
     cells, about 16 (the vector kernels' limit) or many more, in rows split or not."""
-    _select(impl, monkeypatch)
     _check_bias_float32(W, Tw, tile)
 
 
@@ -241,13 +239,14 @@ def test_fused_kernels_are_the_cpu_default_and_sum_over_any_team(monkeypatch):
     try:
         for impl, team, workspace in (('native-bias', 2, None), ('fused', 1, None), ('fused', 3, None),
                                       ('fused', 3, 1)):  # a workspace bound that leaves one thread
-            _select(impl, monkeypatch, tile=Ns * Mg * 5)  # fused: 5 queries per tile, rows split
+            _set_tiles(monkeypatch, tile=Ns * Mg * 5)  # fused: 5 queries per tile, rows split
             if workspace is not None:
                 monkeypatch.setattr(ops, 'FUSED_WORKSPACE_BYTES', workspace)
             torch.set_num_threads(team)
             inputs = [t.clone().requires_grad_() for t in (q, k, v, pos, table)]
-            out = ops.deformable_attention(*inputs, qy, qx, G)
-            grads = torch.autograd.grad(out, inputs, gout_channels_last if team == 3 else gout)
+            with config.deformable_cpu_strategy(impl):
+                out = ops.deformable_attention(*inputs, qy, qx, G)
+                grads = torch.autograd.grad(out, inputs, gout_channels_last if team == 3 else gout)
             results.append([out, *grads])
     finally:
         torch.set_num_threads(threads)

@@ -12,16 +12,16 @@ from mmdat.ops.deformable import cpu, reference
 
 NATIVE = cpu.native_library() is not None
 FUSED = NATIVE and build.blas() is not None
-#: The implementations inside the ops on CPU: fused C kernels, tiles with the bias in C,
-#: tiles with the bias in PyTorch (as without a C compiler)
-IMPLS = [pytest.param('fused', marks=pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')),
-         pytest.param('native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
-         'torch-bias']
 
 
-def _select(impl, monkeypatch):
-    monkeypatch.setattr(cpu, 'USE_NATIVE', impl != 'torch-bias')
-    monkeypatch.setattr(cpu, 'USE_FUSED', impl == 'fused')
+@pytest.fixture(params=[pytest.param('fused', marks=pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')),
+                        pytest.param('native-bias', marks=pytest.mark.skipif(not NATIVE, reason='no C compiler')),
+                        'torch-bias'])
+def cpu_strategy(request):
+    """The test runs with the implementation inside the ops capped to each of
+    ``config.DEFORMABLE_CPU_STRATEGIES`` in turn."""
+    with config.deformable_cpu_strategy(request.param):
+        yield request.param
 
 
 def _operands(B=2, G=2, Mg=2, d=8, H=6, W=13, Ns=20, table=(9, 11), dtype=torch.double, seed=0):
@@ -35,13 +35,11 @@ def _operands(B=2, G=2, Mg=2, d=8, H=6, W=13, Ns=20, table=(9, 11), dtype=torch.
     return q, k, v, pos, tab, qy, qx, G
 
 
-@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('table', [(9, 11), None], ids=['table', 'no-table'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
-def test_opcheck(impl, table, dtype, monkeypatch):
+def test_opcheck(cpu_strategy, table, dtype):
     """``torch.library.opcheck`` (schema, fake tensors, autograd registration, AOT dispatch
     with dynamic shapes) on the forward op with gradients, and on the backward op."""
-    _select(impl, monkeypatch)
     q, k, v, pos, tab, qy, qx, G = _operands(table=table, dtype=dtype)
     inputs = [t.requires_grad_() for t in (q, k, v, pos) + ((tab, ) if tab is not None else ())]
     args = (q, k, v, pos, tab, qy, qx, G, 300)  # 300 logits per tile: several tiles
@@ -54,13 +52,11 @@ def test_opcheck(impl, table, dtype, monkeypatch):
     assert all(t.requires_grad for t in inputs)
 
 
-@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('tile', [None, 200], ids=['default-tiles', 'many-tiles'])
 @pytest.mark.parametrize('table', [(9, 11), None], ids=['table', 'no-table'])
-def test_values_and_every_gradient_match_the_reference_float64(impl, tile, table, monkeypatch):
+def test_values_and_every_gradient_match_the_reference_float64(cpu_strategy, tile, table):
     """Output, log-sum-exp and the gradients w.r.t. q, k, v, the positions and the table, on
     a map whose rows (200 logits per tile: 10 queries of 13-column rows) span several tiles."""
-    _select(impl, monkeypatch)
     q, k, v, pos, tab, qy, qx, G = _operands(table=table)
     inputs = [t.requires_grad_() for t in (q, k, v) + ((pos, tab) if tab is not None else ())]  # pos: bias only
     gout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=q.dtype)
@@ -136,6 +132,21 @@ def test_devices_without_an_op_run_the_reference_with_one_warning(monkeypatch):
         config.attention_impl('fast', 'flash').__enter__()
     with pytest.raises(ValueError, match='attn_impl'):
         config.attention_impl('flash').__enter__()
+
+
+@pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')
+def test_deformable_cpu_strategy_selects_the_implementation():
+    q, k, v, pos, tab, qy, qx, G = _operands()
+    expected = {'fused': (cpu._FusedAttention, cpu._NativeBias), 'native-bias': (type(None), cpu._NativeBias),
+                'torch-bias': (type(None), cpu._TorchBias)}
+    assert tuple(expected) == config.DEFORMABLE_CPU_STRATEGIES
+    for strategy, (fused, bias) in expected.items():
+        with config.deformable_cpu_strategy(strategy):
+            assert isinstance(cpu._fused(q, pos, tab, qy, qx, G, None), fused), strategy
+            assert isinstance(cpu._make_bias(pos, tab, qy, qx, G), bias), strategy
+        assert isinstance(cpu._fused(q, pos, tab, qy, qx, G, None), cpu._FusedAttention)  # restored
+    with pytest.raises(ValueError, match='deformable_cpu_strategy'):
+        config.deformable_cpu_strategy('gpu').__enter__()
 
 
 def test_a_failed_kernel_build_falls_back_with_a_warning(monkeypatch, tmp_path):

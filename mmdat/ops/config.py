@@ -7,8 +7,12 @@ Environment variables (read when a kernel is first built or loaded):
 * ``MMDAT_CACHE_DIR``: where built kernels are kept (default ``$XDG_CACHE_HOME/mmdat``,
   else ``~/.cache/mmdat``; :func:`cache_dir`).
 
-Context manager: ``with attention_impl('reference'):`` makes every attention module (or only
-those of the ``kinds`` given) use that implementation whatever its own ``attn_impl``.
+Context managers:
+
+* ``with attention_impl('reference'):`` makes every module (or only those of the ``kinds``
+  given) use that implementation whatever its own ``attn_impl``.
+* ``with deformable_cpu_strategy('torch-bias'):`` caps the implementation inside the CPU
+  deformable attention op (:data:`DEFORMABLE_CPU_STRATEGIES`), to check one against another.
 
 Per-module choice, the one function every attention module calls::
 
@@ -38,8 +42,13 @@ KINDS = ('deformable', 'neighborhood', 'window', 'dwconv')
 ATTN_IMPLS = ('fast', 'reference')
 #: What :func:`choose_backend` returns.
 BACKENDS = ('reference', 'cpu', 'cuda')
+#: The implementations inside the CPU deformable attention op, best first: both passes in
+#: fused C kernels (needs PyTorch's MKL), tiles with the bias in C, tiles in PyTorch alone
+#: (as without a C compiler). Each runs where it can, else the next one.
+DEFORMABLE_CPU_STRATEGIES = ('fused', 'native-bias', 'torch-bias')
 
 _overrides: Dict[str, str] = {}
+_deformable_cpu_strategy = DEFORMABLE_CPU_STRATEGIES[0]
 _warned = set()
 
 
@@ -86,6 +95,28 @@ def attention_impl(impl: str, kinds: Optional[Union[str, Iterable[str]]] = None)
                 _overrides.pop(k, None)
             else:
                 _overrides[k] = p
+
+
+@contextlib.contextmanager
+def deformable_cpu_strategy(strategy: str) -> Iterator[None]:
+    """Within the block, the CPU deformable attention op runs ``strategy`` (one of
+    :data:`DEFORMABLE_CPU_STRATEGIES`) or, where that cannot run, a later one; by default the
+    best that runs. For checking the implementations against each other. Blocks nest."""
+    if strategy not in DEFORMABLE_CPU_STRATEGIES:
+        raise ValueError(f'deformable_cpu_strategy: one of {DEFORMABLE_CPU_STRATEGIES}, got {strategy!r}')
+    global _deformable_cpu_strategy
+    previous, _deformable_cpu_strategy = _deformable_cpu_strategy, strategy
+    try:
+        yield
+    finally:
+        _deformable_cpu_strategy = previous
+
+
+def deformable_cpu_allows(strategy: str) -> bool:
+    """Whether the CPU deformable attention op may run ``strategy``: it is not before the
+    innermost :func:`deformable_cpu_strategy` block's in :data:`DEFORMABLE_CPU_STRATEGIES`."""
+    order = DEFORMABLE_CPU_STRATEGIES
+    return order.index(strategy) >= order.index(_deformable_cpu_strategy)
 
 
 def resolved_impl(kind: str, attn_impl: str) -> str:

@@ -12,6 +12,9 @@ docs/kernels.md). Three implementations inside the ops, same numbers:
   other devices, the same tiles with the bias by PyTorch gathers and scatters
   (:class:`_TorchBias`).
 
+:func:`mmdat.ops.config.deformable_cpu_strategy` caps which of them may run (``'fused'``,
+``'native-bias'``, ``'torch-bias'``), to check them against each other.
+
 Semantics are those of ``F.grid_sample(table, (q - p) / 2, mode='bilinear',
 padding_mode='zeros', align_corners=True)``: table cells outside the table are zero at any
 distance, and gradients w.r.t. the positions are corner differences, as grid_sample's.
@@ -24,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import build
-from ..config import in_full_precision
+from ..config import deformable_cpu_allows, in_full_precision
 
 #: The C kernels (built on first use, see :mod:`mmdat.ops.build`).
 native_library = build.Library(
@@ -254,10 +257,6 @@ class _NativeBias:
         return self.dcoord * self.dcoord.new_tensor([-(Th - 1) / 4, -(Tw - 1) / 4]), self.dtable.sum(0)
 
 
-#: Use the C kernels on CPU when they build (tests switch this off to check the fallback).
-USE_NATIVE = True
-#: Of those, the whole attention in one kernel call per pass where PyTorch's BLAS is MKL.
-USE_FUSED = True
 #: Logits per tile of the fused kernels (all heads of a group): the tile's probabilities and
 #: their gradient stay in a core's cache between the GEMMs and the softmax ...
 FUSED_TILE_ELEMENTS = 1 << 19
@@ -340,8 +339,8 @@ class _FusedAttention:
 
 
 def _fused(q, pos, table, qy, qx, groups, tile_elements) -> Optional[_FusedAttention]:
-    """The fused kernels where they run: see :data:`USE_FUSED`."""
-    if not (USE_NATIVE and USE_FUSED and q.device.type == 'cpu' and q.dtype in (torch.float32, torch.float64)
+    """The fused kernels where they run (and :func:`.config.deformable_cpu_allows` them)."""
+    if not (deformable_cpu_allows('fused') and q.device.type == 'cpu' and q.dtype in (torch.float32, torch.float64)
             and pos.dtype == qy.dtype == qx.dtype == q.dtype and (table is None or table.dtype == q.dtype)
             and torch.isfinite(pos).all()):
         return None
@@ -387,8 +386,9 @@ def _make_bias(pos, table, qy, qx, groups):
     needs), ``backward`` (``dS *= P``, then the bias gradients) and ``grads``."""
     if table is None:
         return _NoBias()
-    if USE_NATIVE and table.device.type == 'cpu' and table.dtype in (torch.float32, torch.float64) \
-            and pos.dtype == qy.dtype == qx.dtype == table.dtype and torch.isfinite(pos).all():
+    if (deformable_cpu_allows('native-bias') and table.device.type == 'cpu'
+            and table.dtype in (torch.float32, torch.float64) and pos.dtype == qy.dtype == qx.dtype == table.dtype
+            and torch.isfinite(pos).all()):
         lib = native_library()
         if lib is not None:
             return _NativeBias(lib, pos, table, qy, qx, groups)
