@@ -134,6 +134,26 @@ def test_devices_without_an_op_run_the_reference_with_one_warning(monkeypatch):
         config.attention_impl('flash').__enter__()
 
 
+def test_force_backend_runs_that_backend_on_any_device():
+    x = torch.empty(1)
+    with config.force_backend('cuda'):
+        assert config.choose_backend('deformable', 'fast', x) == 'cuda'
+        assert config.choose_backend('dwconv', 'fast', torch.empty(1, device='meta')) == 'cuda'
+        # the reference formulation stays where it is chosen
+        assert config.choose_backend('deformable', 'reference', x) == 'reference'
+        assert config.choose_backend('deformable', 'fast', x, dropout=True) == 'reference'
+        with config.attention_impl('reference', 'window'):
+            assert config.choose_backend('window', 'fast', x) == 'reference'
+    with config.force_backend('cuda', 'window'):
+        assert config.choose_backend('window', 'fast', x) == 'cuda'
+        assert config.choose_backend('deformable', 'fast', x) == 'cpu'
+    assert config.choose_backend('window', 'fast', x) == 'cpu'
+    with pytest.raises(ValueError, match='force_backend'):
+        config.force_backend('cpu')
+    with pytest.raises(ValueError, match='attention kinds'):
+        config.force_backend('cuda', 'flash')
+
+
 @pytest.mark.skipif(not FUSED, reason='no C compiler or no MKL')
 def test_deformable_cpu_strategy_selects_the_implementation():
     q, k, v, pos, tab, qy, qx, G = _operands()

@@ -241,25 +241,15 @@ def test_gpu_benchmark_smoke_on_a_bare_machine(tmp_path):
     dict(NANO_V1, flavor='pp', key_strides=(1, 1, 2, 1), stage_specs=('LS', 'S', 'LD', 'D')),
 ])
 def test_backbone_on_the_cuda_paths_matches_reference(arch, monkeypatch):
-    # The modules take their CUDA branch for CPU tensors here (the backend choice made to
-    # answer 'cuda' where it would answer 'cpu'), so that the whole backbone runs the CUDA
-    # paths through the dense math path: same outputs and gradients as the reference.
+    # config.force_backend('cuda') makes the modules take their CUDA branch for CPU tensors,
+    # so that the whole backbone runs the CUDA paths through the dense math path: same
+    # outputs and gradients as the reference.
     from mmdat.models.backbones import DAT
-    from mmdat.models.layers import neighborhood_attention, window_attention
-    from mmdat.ops import attention_impl, config
+    from mmdat.ops import attention_impl, force_backend
     from mmdat.ops.deformable import cuda as deformable_cuda
     from mmdat.ops.neighborhood import cuda as neighborhood_cuda
     from mmdat.ops.window import cuda as window_cuda
 
-    choose = config.choose_backend
-
-    def cuda_for_cpu(kind, *args, **kwargs):
-        backend = choose(kind, *args, **kwargs)
-        return 'cuda' if backend == 'cpu' and kind != 'dwconv' else backend
-
-    for module in (config, neighborhood_attention, window_attention):
-        if hasattr(module, 'choose_backend'):
-            monkeypatch.setattr(module, 'choose_backend', cuda_for_cpu)
     calls = []
     for module, name in ((deformable_cuda, 'deformable_attention'), (neighborhood_cuda, 'neighborhood_attention'),
                          (window_cuda, 'window_attention')):
@@ -272,7 +262,7 @@ def test_backbone_on_the_cuda_paths_matches_reference(arch, monkeypatch):
     results = {}
     for impl in ('reference', 'fast'):
         model.zero_grad(set_to_none=True)
-        with attention_impl(impl):
+        with attention_impl(impl), force_backend('cuda'):
             outs = model(x)
         sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)).sum()
             for o in outs).backward()

@@ -11,6 +11,9 @@ Context managers:
 
 * ``with attention_impl('reference'):`` makes every module (or only those of the ``kinds``
   given) use that implementation whatever its own ``attn_impl``.
+* ``with force_backend('cuda'):`` runs the CUDA paths of the modules (of ``kinds``) that take
+  a fast path whatever the tensors' device: off CUDA they run FlexAttention's dense math path
+  (:mod:`mmdat.ops.flex`), which checks the CUDA paths' math on a CPU.
 * ``with deformable_cpu_strategy('torch-bias'):`` caps the implementation inside the CPU
   deformable attention op (:data:`DEFORMABLE_CPU_STRATEGIES`), to check one against another.
 
@@ -32,7 +35,7 @@ import contextlib
 import os
 import os.path as osp
 import warnings
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -42,12 +45,15 @@ KINDS = ('deformable', 'neighborhood', 'window', 'dwconv')
 ATTN_IMPLS = ('fast', 'reference')
 #: What :func:`choose_backend` returns.
 BACKENDS = ('reference', 'cpu', 'cuda')
+#: What :func:`force_backend` can force: the CUDA paths run on any device (see :mod:`mmdat.ops.flex`).
+FORCEABLE_BACKENDS = ('cuda', )
 #: The implementations inside the CPU deformable attention op, best first: both passes in
 #: fused C kernels (needs PyTorch's MKL), tiles with the bias in C, tiles in PyTorch alone
 #: (as without a C compiler). Each runs where it can, else the next one.
 DEFORMABLE_CPU_STRATEGIES = ('fused', 'native-bias', 'torch-bias')
 
 _overrides: Dict[str, str] = {}
+_forced: Dict[str, str] = {}
 _deformable_cpu_strategy = DEFORMABLE_CPU_STRATEGIES[0]
 _warned = set()
 
@@ -80,21 +86,34 @@ def _check_kinds(kinds: Optional[Union[str, Iterable[str]]]) -> Sequence[str]:
 
 
 @contextlib.contextmanager
-def attention_impl(impl: str, kinds: Optional[Union[str, Iterable[str]]] = None) -> Iterator[None]:
-    """Within the block, every module of ``kinds`` (default: all) uses ``impl`` (``'fast'``
-    or ``'reference'``) whatever its ``attn_impl``. Blocks nest; the innermost wins."""
-    check_attn_impl(impl)
-    kinds = _check_kinds(kinds)
-    previous = {k: _overrides.get(k) for k in kinds}
-    _overrides.update({k: impl for k in kinds})
+def _per_kind(table: Dict[str, str], value: str, kinds: Sequence[str]) -> Iterator[None]:
+    previous = {k: table.get(k) for k in kinds}
+    table.update({k: value for k in kinds})
     try:
         yield
     finally:
         for k, p in previous.items():
             if p is None:
-                _overrides.pop(k, None)
+                table.pop(k, None)
             else:
-                _overrides[k] = p
+                table[k] = p
+
+
+def attention_impl(impl: str, kinds: Optional[Union[str, Iterable[str]]] = None) -> ContextManager[None]:
+    """Within the block, every module of ``kinds`` (default: all) uses ``impl`` (``'fast'``
+    or ``'reference'``) whatever its ``attn_impl``. Blocks nest; the innermost wins."""
+    return _per_kind(_overrides, check_attn_impl(impl), _check_kinds(kinds))
+
+
+def force_backend(backend: str, kinds: Optional[Union[str, Iterable[str]]] = None) -> ContextManager[None]:
+    """Within the block, every module of ``kinds`` (default: all) that takes a fast path runs
+    ``backend``'s code (one of :data:`FORCEABLE_BACKENDS`) whatever the tensors' device; the
+    reference formulation stays where :func:`choose_backend` picks it. ``'cuda'`` off CUDA
+    runs FlexAttention's dense math path: slow, for checking the CUDA paths on a CPU. For the
+    ``'dwconv'`` kind, ``'cuda'`` is PyTorch's convolution. Blocks nest; the innermost wins."""
+    if backend not in FORCEABLE_BACKENDS:
+        raise ValueError(f'force_backend: the backend must be one of {FORCEABLE_BACKENDS}, got {backend!r}')
+    return _per_kind(_forced, backend, _check_kinds(kinds))
 
 
 @contextlib.contextmanager
@@ -130,11 +149,13 @@ def choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = F
     impl = resolved_impl(kind, attn_impl)
     if impl != 'fast' or dropout or torch.jit.is_tracing() or torch.jit.is_scripting():
         return 'reference'
+    if kind in _forced:
+        return _forced[kind]
     device = x.device.type
-    if device in ('cpu', 'cuda'):
-        return device
-    warn_once(f'mmdat has no {kind} attention op for {device} tensors; running the reference formulation')
-    return 'reference'
+    if device not in ('cpu', 'cuda'):
+        warn_once(f'mmdat has no {kind} attention op for {device} tensors; running the reference formulation')
+        return 'reference'
+    return device
 
 
 def warn_once(message: str, category=UserWarning):
