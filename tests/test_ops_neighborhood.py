@@ -1,12 +1,16 @@
-"""The neighborhood attention ops: torch.library registration, host-sync-free tiling, fallbacks."""
+"""The neighborhood attention ops: torch.library registration, host-sync-free tiling, fallbacks,
+the choice of NATTEN."""
+import sys
+import types
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmdat.models.layers import NeighborhoodAttention
 from mmdat.ops import config
-from mmdat.ops.neighborhood import cpu, reference
+from mmdat.ops.neighborhood import cpu, natten, reference
 
 needs_kernels = pytest.mark.skipif(not cpu.LIBRARY.available(), reason='no C compiler')
 
@@ -100,3 +104,117 @@ def test_compiles_without_graph_breaks():
         for a, b in zip(torch.autograd.grad((eager * eager).sum(), (x, weight, bias, table)),
                         torch.autograd.grad((ours * ours).sum(), (x, weight, bias, table))):
             torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- NATTEN (a stand-in)
+
+def _natten_ops(error=None, wrong=False):
+    """NA2D's unfused QK (with bias) and AV as NATTEN's take them (``B x heads x H x W x ...``),
+    by the gather formulation; ``error`` raises it instead, ``wrong`` drops the bias."""
+    def qk(q, k, rpb, kernel_size):
+        if error is not None:
+            raise error
+        B, nh, H, W, d = q.shape
+        keys, bias = reference.neighborhood(H, W, kernel_size, q.device)
+        logits = torch.einsum('bhnd,bhnkd->bhnk', q.reshape(B, nh, H * W, d), k.reshape(B, nh, H * W, d)[:, :, keys])
+        return (logits if wrong else logits + rpb.flatten(1)[:, bias]).reshape(B, nh, H, W, -1)
+
+    def av(attn, v, kernel_size):
+        B, nh, H, W, d = v.shape
+        keys, _ = reference.neighborhood(H, W, kernel_size, v.device)
+        out = torch.einsum('bhnk,bhnkd->bhnd', attn.reshape(B, nh, H * W, -1), v.reshape(B, nh, H * W, d)[:, :, keys])
+        return out.reshape(B, nh, H, W, d)
+
+    return qk, av
+
+
+@pytest.fixture(params=['0.17', '0.14'])
+def fake_natten(request, monkeypatch):
+    """Installs a NATTEN stand-in of that version's API (and forgets earlier probes); returns
+    ``install(**kwargs)`` (:func:`_natten_ops`' arguments) and the log of its QK calls."""
+    calls = []
+
+    def install(**kwargs):
+        qk, av = _natten_ops(**kwargs)
+        functional = types.ModuleType('natten.functional')
+        if request.param == '0.17':
+            functional.na2d_qk = lambda q, k, kernel_size, dilation, rpb: calls.append(dilation) or qk(q, k, rpb,
+                                                                                                     kernel_size)
+            functional.na2d_av = lambda a, v, kernel_size, dilation: av(a, v, kernel_size)
+        else:
+            functional.natten2dqkrpb = lambda q, k, rpb, kernel_size, dilation: calls.append(dilation) or qk(
+                q, k, rpb, kernel_size)
+            functional.natten2dav = lambda a, v, kernel_size, dilation: av(a, v, kernel_size)
+        package = types.ModuleType('natten')
+        package.functional = functional
+        monkeypatch.setitem(sys.modules, 'natten', package)
+        monkeypatch.setitem(sys.modules, 'natten.functional', functional)
+        monkeypatch.setattr(natten, '_probed', {})
+
+    return install, calls
+
+
+def test_natten_is_chosen_where_installed_and_agreeing(fake_natten):
+    install, calls = fake_natten
+    install()
+    x = torch.empty(1)
+    assert config.choose_backend('neighborhood', 'fast', x, natten_kernel_size=7) == 'natten'
+    assert calls == [1]  # the probe, once
+    assert config.choose_backend('neighborhood', 'fast', x, natten_kernel_size=7) == 'natten'
+    assert calls == [1]
+    assert config.choose_backend('neighborhood', 'fast', x) == 'cpu'  # the module does not allow it
+    assert config.choose_backend('neighborhood', 'reference', x, natten_kernel_size=7) == 'reference'
+    assert config.choose_backend('neighborhood', 'fast', x, dropout=True, natten_kernel_size=7) == 'reference'
+    with config.force_backend('cuda'):
+        assert config.choose_backend('neighborhood', 'fast', x, natten_kernel_size=7) == 'cuda'
+
+    module = NeighborhoodAttention(16, 2, 7).double()
+    torch.nn.init.normal_(module.relative_position_bias_table)
+    y = torch.randn(2, 16, 9, 11, dtype=torch.double)
+    assert module.backend(y) == 'natten'
+    out = module(y)
+    assert len(calls) == 2
+    module.attn_impl = 'reference'
+    torch.testing.assert_close(out, module(y), atol=1e-12, rtol=0)
+    module.attn_impl = 'fast'
+    module.use_natten = False
+    assert module.backend(y) == 'cpu'
+    torch.testing.assert_close(module(y), out, atol=1e-12, rtol=0)
+    assert len(calls) == 2
+
+
+def test_natten_that_is_missing_fails_or_disagrees_is_not_used(fake_natten, monkeypatch):
+    install, calls = fake_natten
+    x = torch.empty(1)
+    for kwargs, message in ((dict(error=RuntimeError('no CPU kernels')), 'cannot run on cpu .no CPU kernels'),
+                            (dict(wrong=True), 'disagrees')):
+        install(**kwargs)
+        with pytest.warns(UserWarning, match=message):
+            assert config.choose_backend('neighborhood', 'fast', x, natten_kernel_size=7) == 'cpu'
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # probed once
+            assert config.choose_backend('neighborhood', 'fast', x, natten_kernel_size=7) == 'cpu'
+    install()
+    monkeypatch.setitem(sys.modules, 'natten', None)  # not installed
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert config.choose_backend('neighborhood', 'fast', x, natten_kernel_size=7) == 'cpu'
+    with pytest.raises(RuntimeError, match='natten is not usable for kernel size 7'):
+        natten.neighborhood_attention(*torch.randn(3, 1, 2, 9, 9, 4), torch.randn(2, 13, 13), 7)
+
+
+def test_natten_path_compiles_without_graph_breaks(fake_natten):
+    """The probe is a constant to dynamo (assume_constant_result): one graph."""
+    install, calls = fake_natten
+    install()
+    module = NeighborhoodAttention(16, 2, 7).eval()
+    y = torch.randn(1, 16, 9, 11)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(module, fullgraph=True, backend='eager')
+        with torch.no_grad():
+            eager, ours = module(y), compiled(y)
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == 3  # the probe, eager, the trace
+    torch.testing.assert_close(ours, eager, atol=1e-6, rtol=0)

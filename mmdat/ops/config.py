@@ -17,17 +17,20 @@ Context managers:
 * ``with deformable_cpu_strategy('torch-bias'):`` caps the implementation inside the CPU
   deformable attention op (:data:`DEFORMABLE_CPU_STRATEGIES`), to check one against another.
 
-Per-module choice, the one function every attention module calls::
+Per-module choice, the one function every module with an op calls::
 
-    choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = False) -> str
+    choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = False,
+                   natten_kernel_size: Optional[int] = None) -> str
 
 ``kind`` is one of :data:`KINDS`, ``attn_impl`` the module's ``'fast'`` or ``'reference'``,
 ``x`` a tensor of the call (its device decides), ``dropout`` whether attention dropout is
-active (``module.training and p > 0``: only the reference formulation has it). Returns
-``'reference'`` (the official formulation in PyTorch ops), ``'cpu'`` (the CPU op: C kernels,
-or their PyTorch fallback when no compiler works) or ``'cuda'`` (the CUDA op). While
-jit-tracing or scripting (FLOP counters) it is ``'reference'``; on devices without an mmdat
-op too, with one warning per device.
+active (``module.training and p > 0``: only the reference formulation has it),
+``natten_kernel_size`` the kernel size of a neighborhood module that allows NATTEN (its
+``use_natten``). Returns ``'reference'`` (the official formulation in PyTorch ops), ``'cpu'``
+(the CPU op: C kernels, or their PyTorch fallback when no compiler works), ``'cuda'`` (the
+CUDA path) or ``'natten'`` (NATTEN's ops, where installed and they agree with the reference:
+:mod:`mmdat.ops.neighborhood.natten`). While jit-tracing or scripting (FLOP counters) it is
+``'reference'``; on devices without an mmdat op too, with one warning per device.
 
 This module imports torch only (as does all of :mod:`mmdat.ops`).
 """
@@ -39,12 +42,14 @@ from typing import Callable, ContextManager, Dict, Iterable, Iterator, Optional,
 
 import torch
 
+from .neighborhood import natten as _natten
+
 #: The attention kinds (and other ops) a module can ask :func:`choose_backend` about.
 KINDS = ('deformable', 'neighborhood', 'window', 'dwconv')
 #: A module's ``attn_impl``: the fast ops, or the official formulation.
 ATTN_IMPLS = ('fast', 'reference')
 #: What :func:`choose_backend` returns.
-BACKENDS = ('reference', 'cpu', 'cuda')
+BACKENDS = ('reference', 'cpu', 'cuda', 'natten')
 #: What :func:`force_backend` can force: the CUDA paths run on any device (see :mod:`mmdat.ops.flex`).
 FORCEABLE_BACKENDS = ('cuda', )
 #: The implementations inside the CPU deformable attention op, best first: both passes in
@@ -144,8 +149,9 @@ def resolved_impl(kind: str, attn_impl: str) -> str:
     return _overrides.get(kind, attn_impl)
 
 
-def choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = False) -> str:
-    """``'reference'``, ``'cpu'`` or ``'cuda'``: see the module docstring."""
+def choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = False,
+                   natten_kernel_size: Optional[int] = None) -> str:
+    """One of :data:`BACKENDS`: see the module docstring."""
     impl = resolved_impl(kind, attn_impl)
     if impl != 'fast' or dropout or torch.jit.is_tracing() or torch.jit.is_scripting():
         return 'reference'
@@ -155,6 +161,8 @@ def choose_backend(kind: str, attn_impl: str, x: torch.Tensor, dropout: bool = F
     if device not in ('cpu', 'cuda'):
         warn_once(f'mmdat has no {kind} attention op for {device} tensors; running the reference formulation')
         return 'reference'
+    if kind == 'neighborhood' and natten_kernel_size is not None and _natten.usable(natten_kernel_size, device):
+        return 'natten'
     return device
 
 
