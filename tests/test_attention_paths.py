@@ -7,6 +7,7 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmdat  # noqa: F401
 from mmdat.models.backbones import DAT
@@ -16,6 +17,7 @@ from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
 from mmdat.models.layers.window_attention import WindowAttention
 from mmdat.ops import build, config
 from mmdat.ops.deformable import cpu as ops
+from mmdat.ops.dwconv import cpu as dwconv_cpu
 from mmdat.ops.neighborhood import cpu as na_cpu
 from mmdat.ops.neighborhood.cpu import neighborhood_attention_tiled
 from mmdat.ops.neighborhood.reference import neighborhood_attention
@@ -407,12 +409,52 @@ def test_backbone_paths_agree(arch):
     x = torch.randn(1, 3, 40, 56, dtype=torch.double)
 
     def run(impl):
-        for m in model.modules():
-            if isinstance(m, (NeighborhoodAttention, WindowAttention)):
-                m.attn_impl = impl
-        return _run(model, x, impl)
+        with config.attention_impl(impl):
+            return _run(model, x, impl)
 
     _assert_same(run('reference'), run('fast'), atol=1e-9)
+
+
+class _MmdatOps(TorchDispatchMode):
+    """Names of the ``mmdat::`` ops called within the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == 'mmdat':
+            self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])
+def test_reference_backbone_calls_no_mmdat_op(arch):
+    """``DAT(attn_impl='reference')`` reaches no ``mmdat::`` op, DAT++'s depth-wise convs
+    included, and computes the fast backbone's function; ``attention_impl('reference',
+    'dwconv')`` takes the depth-wise convs alone off their ops."""
+    fast = DAT(arch).eval()
+    reference = DAT(arch, attn_impl='reference').eval()
+    reference.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        with _MmdatOps() as fast_ops:
+            expected = fast(x)
+        with _MmdatOps() as reference_ops:
+            outs = reference(x)
+        with config.attention_impl('reference', 'dwconv'), _MmdatOps() as attention_ops:
+            fast(x)
+    assert reference_ops.names == set()
+    pp = arch is NANO_PP
+    attention = {'mmdat::deformable_attention_forward',
+                 'mmdat::neighborhood_attention_forward' if pp else 'mmdat::window_attention_forward'}
+    if all(lib.available() for lib in (na_cpu.LIBRARY, window_cpu.LIBRARY, dwconv_cpu.LIBRARY)) and NATIVE:
+        assert fast_ops.names == attention | ({'mmdat::conv_mlp', 'mmdat::residual_dwconv'} if pp else set())
+        assert attention_ops.names == attention
+    else:  # without a C compiler the deformable op still runs (PyTorch tiles)
+        assert 'mmdat::deformable_attention_forward' in fast_ops.names & attention_ops.names
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('arch', [NANO_V1, NANO_PP], ids=['v1', 'pp'])

@@ -6,6 +6,7 @@ import torch.nn as nn
 from mmdat.models.backbones.dat import DATBlock
 from mmdat.models.layers import ConvMlp, residual_dwconv as module
 from mmdat.models.layers.residual_dwconv import residual_dwconv
+from mmdat.ops import config
 from mmdat.ops.dwconv import cpu
 
 from conftest import without_native_ops
@@ -84,7 +85,7 @@ def test_native_float32_gelu_is_pytorchs():
     conv = nn.Conv2d(32, 32, 3, padding=1, groups=32)
     x = torch.randn(2, 9, 14, 32, generator=gen) * 3
     gout = torch.randn(2, 9, 14, 32, generator=gen)
-    fast = _outputs_and_grads(lambda t, c: residual_dwconv(t, c, True), x, conv, gout)
+    fast = _outputs_and_grads(lambda t, c: residual_dwconv(t, c, True, 'fast'), x, conv, gout)
     ref = _outputs_and_grads(lambda t, c: _reference(t, c, True), x, conv, gout)
     assert fast[0].dtype == torch.float32
     for a, b in zip(fast, ref):
@@ -106,20 +107,39 @@ def test_conv_mlp_and_local_perception_run_the_kernels_on_cpu_unless_disabled(mo
     torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
 
 
+@needs_native
+def test_reference_impl_takes_pytorchs_convolutions(monkeypatch):
+    """``attn_impl='reference'`` (constructor argument, attribute, or ``attention_impl`` for the
+    kind ``'dwconv'``) keeps the LPU and the MLP off the kernels, with the same result."""
+    calls = []
+    real = cpu.kernel_forward
+    monkeypatch.setattr(cpu, 'kernel_forward', lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    block = DATBlock(nn.Identity(), 16, conv_mlp=True, local_perception=True, attn_impl='reference')
+    x = torch.randn(2, 16, 6, 5)
+    reference = block(x)
+    assert calls == []
+    block.lpu.attn_impl = block.mlp.attn_impl = 'fast'
+    torch.testing.assert_close(block(x), reference, atol=1e-5, rtol=1e-5)
+    assert calls == [False, True]
+    with config.attention_impl('reference', 'dwconv'):
+        block(x)
+    assert len(calls) == 2
+
+
 def test_other_inputs_take_the_pytorch_path():
     """bf16 autocast, other dtypes and other convs do not reach the kernels (float32 / float64,
     depth-wise 3x3 with zero padding and bias)."""
     mlp = ConvMlp(8, 32)
     x = torch.randn(1, 8, 5, 4)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not module.kernel_applies(torch.randn(1, 5, 4, 32), mlp.dwconv)
+        assert not module.kernel_applies(torch.randn(1, 5, 4, 32), mlp.dwconv, 'fast')
         out = mlp(x)
     assert out.shape == x.shape
-    assert not module.kernel_applies(torch.randn(1, 5, 4, 32).bfloat16(), mlp.dwconv)
+    assert not module.kernel_applies(torch.randn(1, 5, 4, 32).bfloat16(), mlp.dwconv, 'fast')
     wide = nn.Conv2d(32, 32, 5, padding=2, groups=32)
     y = torch.randn(1, 5, 4, 32)
-    assert not module.kernel_applies(y, wide)
-    torch.testing.assert_close(residual_dwconv(y, wide, True), _reference(y, wide, True))
+    assert not module.kernel_applies(y, wide, 'fast')
+    torch.testing.assert_close(residual_dwconv(y, wide, True, 'fast'), _reference(y, wide, True))
 
 
 def _mlp_outputs_and_grads(mlp, x, gout):

@@ -14,7 +14,7 @@ from ...ops.config import check_attn_impl
 from ..layers import ConvMlp, DeformableAttention, LayerNorm2d, Mlp, NeighborhoodAttention, WindowAttention
 from ..layers.deformable_attention import FLAVORS, _pair
 from ..layers.drop_path import DropPathResidual
-from ..layers.residual_dwconv import residual_dwconv
+from ..layers.residual_dwconv import LocalPerception
 
 SPEC_LETTERS = {
     'L': 'window attention',
@@ -137,23 +137,26 @@ class DATBlock(nn.Module):
         drop_path: Stochastic depth rate.
         drop: Dropout inside the MLP.
         with_cp: Recompute the block in the backward pass to save memory.
+        attn_impl: ``'fast'`` or ``'reference'``: the path of DAT++'s depth-wise convs (the
+            local perception unit's and the conv MLP's), as the attention layers' ``attn_impl``.
     """
 
     def __init__(self, attn: nn.Module, embed_dims: int, mlp_ratio: float = 4, conv_mlp: bool = False,
-                 local_perception: bool = False, drop_path: float = 0., drop: float = 0., with_cp: bool = False):
+                 local_perception: bool = False, drop_path: float = 0., drop: float = 0., with_cp: bool = False,
+                 attn_impl: str = 'fast'):
         super().__init__()
-        self.lpu = (nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
-                    if local_perception else None)
+        self.lpu = LocalPerception(embed_dims, attn_impl) if local_perception else None
         self.norm1 = LayerNorm2d(embed_dims)
         self.attn = attn
         self.norm2 = LayerNorm2d(embed_dims)
-        self.mlp = (ConvMlp if conv_mlp else Mlp)(embed_dims, int(embed_dims * mlp_ratio), drop)
+        hidden = int(embed_dims * mlp_ratio)
+        self.mlp = ConvMlp(embed_dims, hidden, drop, attn_impl) if conv_mlp else Mlp(embed_dims, hidden, drop)
         self.residual = DropPathResidual(drop_path)
         self.with_cp = with_cp
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
-            x = residual_dwconv(x.permute(0, 2, 3, 1), self.lpu, gelu=False).permute(0, 3, 1, 2)
+            x = self.lpu(x)
         x = self.residual(x, self.attn(self.norm1(x)))
         return self.residual(x, self.mlp(self.norm2(x)))
 
@@ -220,9 +223,10 @@ class DAT(BaseModule):
         check_finite: Reject inputs holding NaN / Inf with a clear error. ``None`` checks on
             CPU only: on an accelerator the check forces a host sync on every forward. Inside
             ``torch.compile`` / ``torch.export`` graphs it is an in-graph assertion.
-        attn_impl: Path of every attention layer: ``'fast'`` (default: the ops of
-            :mod:`mmdat.ops` for the input's device) or ``'reference'`` (the official
-            formulations); both compute the same function. The layers keep it as their
+        attn_impl: Path of every attention layer and of DAT++'s depth-wise convs (local
+            perception units, conv MLPs): ``'fast'`` (default: the ops of :mod:`mmdat.ops` for
+            the input's device) or ``'reference'`` (the official formulations and PyTorch's
+            convolutions); both compute the same function. The layers keep it as their
             ``attn_impl`` attribute; ``mmdat.ops.attention_impl`` overrides it for a block of code.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads official DAT / DAT++
             checkpoints (classification, DAT-Detection, DAT-Segmentation) or mmdat's own.
@@ -276,7 +280,8 @@ class DAT(BaseModule):
             table = pretrain_img_size // (4 * 2 ** i) if s['position_tables'][i] else None
             blocks = [
                 DATBlock(self._attention(letter, i, table, attn_drop_rate, drop_rate), dims[i], s['mlp_ratio'],
-                         s['conv_mlp'], s['local_perception'], dpr[sum(depths[:i]) + d], drop_rate, with_cp)
+                         s['conv_mlp'], s['local_perception'], dpr[sum(depths[:i]) + d], drop_rate, with_cp,
+                         self.attn_impl)
                 for d, letter in enumerate(spec)
             ]
             self.stages.append(DATStage(blocks, downsample))

@@ -2,6 +2,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmdat.ops.config import check_attn_impl
 from mmdat.ops.dwconv import cpu as dwconv_cpu
 
 from . import residual_dwconv as rdw
@@ -37,10 +38,14 @@ class ConvMlp(nn.Module):
         embed_dims: Channels in and out.
         hidden_dims: Channels of the hidden layer.
         drop: Dropout after each 1x1 conv.
+        attn_impl: ``'fast'`` (default: the CPU op where it applies, see
+            :func:`.residual_dwconv.kernel_applies`) or ``'reference'`` (PyTorch's convolutions).
+            Also an attribute; ``mmdat.ops.attention_impl(impl, 'dwconv')`` overrides it.
     """
 
-    def __init__(self, embed_dims: int, hidden_dims: int, drop: float = 0.):
+    def __init__(self, embed_dims: int, hidden_dims: int, drop: float = 0., attn_impl: str = 'fast'):
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         self.fc1 = nn.Conv2d(embed_dims, hidden_dims, 1)
         self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
         self.fc2 = nn.Conv2d(hidden_dims, embed_dims, 1)
@@ -52,10 +57,13 @@ class ConvMlp(nn.Module):
         # keep the official conv layout).
         x = x.permute(0, 2, 3, 1)
         w1, w2 = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
-        if rdw.kernel_applies(x, self.dwconv, dropout=self.training and self.drop.p > 0):
+        if rdw.kernel_applies(x, self.dwconv, self.attn_impl, dropout=self.training and self.drop.p > 0):
             # one op that keeps nothing hidden-sized for backward (see mmdat.ops.dwconv.cpu)
             x = dwconv_cpu.conv_mlp(x, w1, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, w2, self.fc2.bias)
         else:
-            x = rdw.residual_dwconv(self.drop(F.linear(x, w1, self.fc1.bias)), self.dwconv, gelu=True)
+            x = rdw.residual_dwconv(self.drop(F.linear(x, w1, self.fc1.bias)), self.dwconv, True, self.attn_impl)
             x = self.drop(F.linear(x, w2, self.fc2.bias))
         return x.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f'attn_impl={self.attn_impl!r}'
