@@ -92,13 +92,14 @@ def _check_against_reference(out, ref, inputs):
         assert float((a - b).detach().abs().max()) < 1e-12 * float(b.detach().abs().max())
 
 
-def test_deformable_cuda_path_falls_back_to_sdpa_bias_once_flex_fails_to_compile(monkeypatch):
+def test_deformable_cuda_path_falls_back_to_sdpa_bias_once_flex_fails_to_compile(monkeypatch, caplog):
     (q, k, v, pos, table), (qy, qx, G) = _deformable_operands()
     calls = _failing_flex(monkeypatch, _inductor_error())
     with pytest.warns(UserWarning, match=r'deformable attention could not be compiled \(RuntimeError: Cannot find a '
                                          r'working triton installation.\); running .*deformable_attention_sdpa_bias'):
         out = deformable_cuda.deformable_attention(q, k, v, pos, table, qy, qx, G)
     assert flex.compile_failures() == {'deformable': 'RuntimeError: Cannot find a working triton installation.'}
+    assert 'More details' in caplog.text  # the whole error, logged once
     ref = deformable_reference.deformable_attention(q, k, v, pos, table, qy, qx, G)
     _check_against_reference(out, ref, (q, k, v, pos, table))
 

@@ -21,6 +21,7 @@ Imports torch only.
 """
 import contextlib
 import functools
+import logging
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -102,6 +103,8 @@ def with_fallback(kind: str, fused: Callable, fallback: Callable, *args):
         reason = compile_failure(exc)
         if reason is None:
             raise
+        # the whole traceback once, for a bug report: the warning has its first line only
+        logging.getLogger(__name__).warning('FlexAttention build error (%s attention)', kind, exc_info=True)
     _failures[kind] = reason
     warn_once(f'mmdat: FlexAttention for the {kind} attention could not be compiled ({reason}); '
               f'running {fallback.__module__}.{fallback.__name__} instead from now on (slower, more memory)')
