@@ -67,6 +67,10 @@ fi
 log "installing mmdat and the OpenMMLab libraries"
 pip install -q --no-build-isolation -e "$ROOT[tests,export]"
 
+# The C kernels of mmdat.ops, built now rather than on the first forward (a build that fails
+# only warns: the ops then run their PyTorch implementations).
+"$py" -m mmdat.ops >&2 || log "warning: the C kernels did not build; mmdat runs its PyTorch paths"
+
 "$py" - <<'PY'
 import mmcv.ops, mmdet, mmseg, mmpretrain, torch, torchvision  # noqa: F401  fail here, not later
 import mmdat  # noqa: F401

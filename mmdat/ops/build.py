@@ -6,7 +6,7 @@ system's C compiler (OpenMP when available, a second or two) into one library pe
 compiler and CPU, cached in :func:`.config.cache_dir`. When no compiler works the loader warns
 once and returns ``None``; callers then run their PyTorch paths. ``MMDAT_NATIVE_OPS=0``
 disables every kernel (:func:`.config.native_ops_enabled`). ``python -m mmdat.ops.build``
-builds them all ahead of use.
+builds them all ahead of use (``python -m mmdat.ops``).
 
 Only the op implementations of :mod:`mmdat.ops` call a :class:`Library` (and ``torch.compile``
 never traces into those); module code asks :func:`Library.available`, which dynamo treats as
@@ -309,7 +309,3 @@ def build_all() -> Dict[str, bool]:
                 built[value.name] = value() is not None
     return built
 
-
-if __name__ == '__main__':
-    for lib_name, ok in build_all().items():
-        print(f'{lib_name}: {"built" if ok else "unavailable"}')
