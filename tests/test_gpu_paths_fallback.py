@@ -122,6 +122,21 @@ def test_neighborhood_cuda_path_falls_back_to_the_gather_formulation(monkeypatch
     _check_against_reference(out, neighborhood_reference.neighborhood_attention(q, k, v, table, 7), (q, k, v, table))
 
 
+def test_mmdat_flex_0_runs_the_fallbacks_without_trying_flex(monkeypatch):
+    (q, k, v, pos, table), (qy, qx, G) = _deformable_operands()
+    calls = _failing_flex(monkeypatch, AssertionError('FlexAttention must not run with MMDAT_FLEX=0'))
+    monkeypatch.setenv('MMDAT_FLEX', '0')
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # chosen, not a failure: no warning
+        out = deformable_cuda.deformable_attention(q, k, v, pos, table, qy, qx, G)
+        tokens = torch.zeros(1, 2, 7, 8, 4, dtype=torch.float64)
+        neighborhood_cuda.neighborhood_attention(tokens, tokens, tokens, torch.zeros(2, 13, 13, dtype=torch.float64), 7)
+    assert calls == [] and flex.compile_failures() == {}
+    _check_against_reference(out, deformable_reference.deformable_attention(q, k, v, pos, table, qy, qx, G),
+                             (q, k, v, pos, table))
+
+
 def test_other_errors_are_not_taken_for_compile_failures(monkeypatch):
     (q, k, v, pos, table), (qy, qx, G) = _deformable_operands()
     _failing_flex(monkeypatch, RuntimeError('CUDA error: an illegal memory access was encountered'))

@@ -4,6 +4,10 @@ Environment variables (read when a kernel is first built or loaded):
 
 * ``MMDAT_NATIVE_OPS=0`` disables every compiled kernel: the ops then run their PyTorch
   implementations (:func:`native_ops_enabled`).
+* ``MMDAT_FLEX=0`` makes the CUDA paths of the deformable and neighborhood attention skip
+  FlexAttention and run their fallbacks (:func:`flex_enabled`; :func:`mmdat.ops.flex.with_fallback`):
+  for a GPU where FlexAttention's kernels fail where no caller can catch it (at the first
+  backward, or inside a compiled model).
 * ``MMDAT_CACHE_DIR``: where built kernels are kept (default ``$XDG_CACHE_HOME/mmdat``,
   else ``~/.cache/mmdat``; :func:`cache_dir`).
 
@@ -66,6 +70,11 @@ _warned = set()
 def native_ops_enabled() -> bool:
     """Whether compiled kernels may be built and used (``MMDAT_NATIVE_OPS`` is not ``0``)."""
     return os.environ.get('MMDAT_NATIVE_OPS', '1') != '0'
+
+
+def flex_enabled() -> bool:
+    """Whether the CUDA paths may run FlexAttention (``MMDAT_FLEX`` is not ``0``)."""
+    return os.environ.get('MMDAT_FLEX', '1') != '0'
 
 
 def cache_dir() -> str:

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .config import warn_once
+from .config import flex_enabled, warn_once
 
 #: Attention kinds whose FlexAttention failed to compile in this process, and why.
 _failures: Dict[str, str] = {}
@@ -88,12 +88,13 @@ def compile_failures() -> Dict[str, str]:
 def with_fallback(kind: str, fused: Callable, fallback: Callable, *args):
     """``fused(*args)``, the FlexAttention path of ``kind``; where compiling it fails
     (:func:`compile_failure` says why), a warning naming the reason and ``fallback(*args)``,
-    then and for the rest of the process.
+    then and for the rest of the process; ``fallback(*args)`` from the start where
+    ``MMDAT_FLEX=0`` (:func:`mmdat.ops.config.flex_enabled`).
 
     Inside an enclosing ``torch.compile`` the call is traced as it is, nothing caught: the
     enclosing compile fails as a whole.
     """
-    if kind in _failures:
+    if kind in _failures or not flex_enabled():
         return fallback(*args)
     if torch.compiler.is_compiling():
         return fused(*args)
