@@ -296,6 +296,12 @@ def test_wrong_input_channels_is_a_clear_error():
         DAT(NANO_PP)(torch.randn(1, 1, 32, 32))
 
 
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int64])
+def test_integer_images_are_a_clear_error(dtype):
+    with pytest.raises(TypeError, match=f'DAT expects floating-point images, got {dtype}: normalise them first'):
+        DAT(NANO_PP)(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
 def _naive_neighborhood(x, attn):
     """NA2D by definition: each query attends to its clamped k x k window (maps padded to k)."""
     B, C, H, W = x.shape

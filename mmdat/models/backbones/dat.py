@@ -343,12 +343,15 @@ class DAT(BaseModule):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'DAT expects a batch of images B x {self.in_channels} x H x W, got {shape}')
+        if not x.is_floating_point():
+            raise TypeError(f'DAT expects floating-point images, got {x.dtype}: normalise them first (the data '
+                            'preprocessor\'s mean/std, or x.float())')
         # A non-finite input poisons every feature map, the loss and, after one step, the weights.
         check = self.check_finite
         if check or (check is None and x.device.type == 'cpu'):
-            if x.is_floating_point() and torch.compiler.is_compiling():  # no host sync in a graph
+            if torch.compiler.is_compiling():  # no host sync in a graph
                 torch._assert_async(torch.isfinite(x).all(), 'DAT input holds NaN or Inf values')
-            elif x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            elif not bool(torch.isfinite(x).all()):
                 nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
                 raise ValueError(
                     f'DAT input of shape {tuple(x.shape)} holds {nan} NaN and {inf} Inf values; check the '
