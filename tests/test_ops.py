@@ -97,6 +97,8 @@ def test_unsupported_dtypes_are_a_clear_error_or_computed_in_float32():
         cpu.deformable_attention(q, k[:, :, 1:], v, pos, tab, qy, qx, G)
     with pytest.raises(ValueError, match='inconsistent shapes'):
         cpu.deformable_attention(q, k, v, pos, tab, qy[1:], qx, G)
+    with pytest.raises(TypeError, match='take floating-point tensors, got torch.int32'):
+        cpu.deformable_attention(q.int(), k.int(), v.int(), pos, tab, qy, qx, G)
 
 
 def test_any_layout_is_accepted():

@@ -188,9 +188,13 @@ def in_full_precision(fn: Callable, tensors: Sequence[Optional[torch.Tensor]], *
 
     Under autocast, or when ``tensors`` (``None`` entries skipped) are not all float32 or
     all float64, ``fn`` gets float32 copies with autocast off; its result is then returned
-    in float32 under autocast and in the first tensor's dtype otherwise.
+    in float32 under autocast and in the first tensor's dtype otherwise. A tensor that is not
+    floating-point is a ``TypeError``.
     """
     present = [t for t in tensors if t is not None]
+    integral = [t.dtype for t in present if not t.is_floating_point()]
+    if integral:  # a float32 copy would hide the mistake: attention on integers means nothing
+        raise TypeError(f'mmdat attention ops take floating-point tensors, got {integral[0]}')
     device_type = present[0].device.type
     autocast = torch.is_autocast_enabled(device_type)
     dtypes = {t.dtype for t in present}
