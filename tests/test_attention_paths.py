@@ -12,10 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mmdat  # noqa: F401
 from mmdat.models.backbones import DAT
 from mmdat.models.backbones.dat_checkpoint import load_dat_checkpoint, official_arch
-from mmdat.models.layers.deformable_attention import DeformableAttention, _axis_grid, deformable_attention_impl
+from mmdat.models.layers.deformable_attention import DeformableAttention, _axis_grid
 from mmdat.models.layers.neighborhood_attention import NeighborhoodAttention
 from mmdat.models.layers.window_attention import WindowAttention
-from mmdat.ops import build, config
+from mmdat.ops import attention_impl, build, config
 from mmdat.ops.deformable import cpu as ops
 from mmdat.ops.dwconv import cpu as dwconv_cpu
 from mmdat.ops.neighborhood import cpu as na_cpu
@@ -62,7 +62,7 @@ def _run(module, x, impl, **kwargs):
     """Output and gradients w.r.t. the input and every parameter under one path."""
     module.zero_grad()
     x = x.clone().requires_grad_()
-    with deformable_attention_impl(impl):
+    with attention_impl(impl, 'deformable'):
         out = module(x, **kwargs) if kwargs else module(x)
     outs = out if isinstance(out, (tuple, list)) else [out]
     gen = torch.Generator().manual_seed(2)
@@ -276,9 +276,9 @@ def test_deformable_fast_path_keeps_no_logits():
     module = DeformableAttention(C, M, 2, 1, 3, -1, (7, 7), 'pp')
     x = torch.randn(1, C, H, W, requires_grad=True)
     logits = M * (H * W) ** 2 * 4  # bytes, Ns = HW at key stride 1
-    with deformable_attention_impl('reference'):
+    with attention_impl('reference', 'deformable'):
         assert _saved_bytes(lambda: module(x)) > 2 * logits  # logits, attention, bias, displacements
-    with deformable_attention_impl('fast'):
+    with attention_impl('fast', 'deformable'):
         saved = _saved_bytes(lambda: module(x))
     assert saved < 20 * C * H * W * 4 < logits / 10
 
@@ -348,23 +348,24 @@ def test_native_build_falls_through_flags_the_compiler_rejects(monkeypatch, tmp_
 
 def test_path_selection():
     module = DeformableAttention(16, 2, 1, attn_impl='reference', attn_drop=0.1)
-    assert not module._use_fast_path()
+    x = torch.empty(1)
+    assert module.backend(x) == 'reference'
     module.attn_impl = 'fast'
     module.eval()
-    assert module._use_fast_path()
+    assert module.backend(x) == 'cpu'
     module.train()  # attention dropout only exists on the reference path
-    assert not module._use_fast_path()
+    assert module.backend(x) == 'reference'
     module.eval()
-    with deformable_attention_impl('reference'):
-        assert not module._use_fast_path()
-        with deformable_attention_impl('fast'):
-            assert module._use_fast_path()
-        assert not module._use_fast_path()
-    assert module._use_fast_path()
+    with attention_impl('reference', 'deformable'):
+        assert module.backend(x) == 'reference'
+        with attention_impl('fast', 'deformable'):
+            assert module.backend(x) == 'cpu'
+        assert module.backend(x) == 'reference'
+    assert module.backend(x) == 'cpu'
     with pytest.raises(ValueError, match='attn_impl'):
         DeformableAttention(16, 2, 1, attn_impl='flash')
     with pytest.raises(ValueError, match='attn_impl'):
-        with deformable_attention_impl('flash'):
+        with attention_impl('flash', 'deformable'):
             pass
 
 
@@ -395,7 +396,7 @@ def test_official_parity_on_every_path(path, impl):
     for m in model.modules():
         if isinstance(m, NeighborhoodAttention):
             m.attn_impl = impl
-    with torch.no_grad(), deformable_attention_impl(impl):
+    with torch.no_grad(), attention_impl(impl, 'deformable'):
         if 'stage_outputs' in fixture:
             ours, theirs = model.forward_stages(fixture['input']), fixture['stage_outputs']
         else:
@@ -468,7 +469,7 @@ def test_flop_count_does_not_depend_on_the_path(arch):
         for m in model.modules():
             if isinstance(m, (NeighborhoodAttention, WindowAttention)):
                 m.attn_impl = impl
-        with deformable_attention_impl(impl):
+        with attention_impl(impl, 'deformable'):
             analyzer = FlopAnalyzer(model, (x,))
             analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             return analyzer.total(), analyzer.by_operator()

@@ -84,10 +84,7 @@ def reference_formulation(model: nn.Module) -> Iterator[None]:
     changed = [(m, m.attn_impl) for m in model.modules() if getattr(m, 'attn_impl', None) not in (None, 'reference')]
     for m, _ in changed:
         m.attn_impl = 'reference'
-    try:
-        from mmdat.ops import attention_impl  # every kind, the depth-wise conv kernels too
-    except ImportError:
-        from mmdat.models.layers.deformable_attention import deformable_attention_impl as attention_impl
+    from mmdat.ops import attention_impl  # every kind, the depth-wise conv kernels too
     try:
         with attention_impl('reference'):
             yield

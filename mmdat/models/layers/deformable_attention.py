@@ -1,4 +1,4 @@
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -9,13 +9,6 @@ from ...ops.deformable.reference import axis_grid as _axis_grid, grid as _grid, 
 from .norm import LayerNorm2d
 
 FLAVORS = ('v1', 'pp')
-ATTN_IMPLS = config.ATTN_IMPLS
-
-
-def deformable_attention_impl(impl: str) -> Iterator[None]:
-    """Within the block, every ``DeformableAttention`` uses ``impl`` (``'fast'`` or
-    ``'reference'``) whatever its ``attn_impl``: ``config.attention_impl(impl, 'deformable')``."""
-    return config.attention_impl(impl, 'deformable')
 
 
 def _pair(x: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -145,7 +138,7 @@ class DeformableAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         G, M = self.groups, self.num_heads
-        backend = config.choose_backend('deformable', self.attn_impl, x, self.training and self.attn_drop.p > 0)
+        backend = self.backend(x)
         fast = backend != 'reference'
         q = _conv1x1(self.q, x, channels_last=False) if fast else self.q(x)
         offset = self.offset(q.reshape(B * G, C // G, H, W))
@@ -173,12 +166,9 @@ class DeformableAttention(nn.Module):
         # a 1x1 conv on a channels-last map runs several times faster on CPU than on NCHW
         return self.proj_drop(self.proj(out.reshape(B, C, H, W).contiguous(memory_format=torch.channels_last)))
 
-    def _use_fast_path(self, x: Optional[torch.Tensor] = None) -> bool:
-        """Whether ``forward`` runs an op rather than the reference formulation (on ``x``'s
-        device, default CPU)."""
-        x = self.q.weight if x is None else x
-        return config.choose_backend('deformable', self.attn_impl, x,
-                                     self.training and self.attn_drop.p > 0) != 'reference'
+    def backend(self, x: torch.Tensor) -> str:
+        """``'reference'``, ``'cpu'`` or ``'cuda'``: the op that runs on ``x``."""
+        return config.choose_backend('deformable', self.attn_impl, x, dropout=self.training and self.attn_drop.p > 0)
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, groups={self.groups}, key_stride={self.key_stride}, '

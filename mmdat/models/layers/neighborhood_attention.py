@@ -5,7 +5,6 @@ from torch.nn.init import trunc_normal_
 
 from mmdat.ops.config import check_attn_impl, choose_backend
 from mmdat.ops.neighborhood import cpu as na_cpu, cuda as na_cuda, natten as na_natten, reference as na_reference
-from mmdat.ops.neighborhood.reference import neighborhood_attention  # noqa: F401 (the formulation's old home)
 
 
 class NeighborhoodAttention(nn.Module):
