@@ -1,8 +1,37 @@
+import functools
 import os
 import os.path as osp
 
 import pytest
 import torch
+
+
+def _memoize_mmengine_package_lookups():
+    """MMEngine resolves every ``mmdet::`` / ``mmseg::`` / ``mmpretrain::`` base of a config by
+    reloading ``pkg_resources`` (``is_installed``) and parsing all of the package's
+    ``.mim/model-index.yml`` and metafiles (about 100 YAML files, 0.2 s per
+    base) before it looks under ``.mim/configs``; parsing the paper configs once takes some
+    170 of these lookups. Installed packages and their metafiles do not change during a test
+    session: each is looked up / parsed once (read-only data; the resolution itself is
+    MMEngine's, unchanged). Tools run as subprocesses do the full lookups."""
+    from mmengine.config import config as mm_config, utils as mm_config_utils
+    if getattr(mm_config_utils.load, '_mmdat_tests', False):
+        return
+    load = mm_config_utils.load
+    metafile = functools.lru_cache(maxsize=None)(load)
+    marker = f'{os.sep}.mim{os.sep}'
+
+    def cached_load(file, *args, **kwargs):
+        if isinstance(file, str) and not args and not kwargs and marker in file and file.endswith(('.yml', '.yaml')):
+            return metafile(file)  # only read by mmengine.config.utils._get_cfg_metainfo
+        return load(file, *args, **kwargs)
+
+    cached_load._mmdat_tests = True
+    mm_config_utils.load = cached_load
+    mm_config.is_installed = functools.lru_cache(maxsize=None)(mm_config.is_installed)
+
+
+_memoize_mmengine_package_lookups()
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_FIXTURES = osp.normpath(osp.join(REPO, '..', 'shared', 'fixtures', 'official'))
