@@ -242,33 +242,44 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     _SHAPES['root'] = str(tmp_path / 'shapes')
     make_shapes_dataset(_SHAPES['root'], num_train=8, num_val=2, num_cls_train=3, num_cls_val=3)
     total = 8
-    ref = subprocess.run(_train_cmd(tmp_path / 'ref', total), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stdout[-4000:]
-    ref_losses = _losses(ref.stdout, total)
+    # the uninterrupted reference run goes on beside the killed and the resumed runs (one
+    # thread each; nothing is shared but the dataset, which they only read)
+    ref_log = open(tmp_path / 'ref.log', 'w+')
+    ref = subprocess.Popen(_train_cmd(tmp_path / 'ref', total), cwd=tmp_path, env=_env(), stdout=ref_log,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        # the same run, killed with SIGKILL while training iteration 6 (after iter_4.pth was saved)
+        work = tmp_path / 'killed'
+        proc = subprocess.Popen(_train_cmd(work, total), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seen = ''
+        try:
+            for line in proc.stdout:
+                seen += line
+                if re.search(rf'Iter\(train\) \[\s*5/{total}\]', line):
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, seen[-4000:]
+        assert not re.search(rf'Iter\(train\) \[\s*{total}/{total}\]', seen)
+        assert open(work / 'last_checkpoint').read().strip().endswith('iter_4.pth')
+
+        resumed = subprocess.run(_train_cmd(work, total, ['--resume']), cwd=tmp_path, env=_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout[-4000:]
+        ref.wait(timeout=300)
+    finally:
+        ref.kill()
+        ref.wait(timeout=60)
+        ref_log.seek(0)
+        ref_out = ref_log.read()
+        ref_log.close()
+    assert ref.returncode == 0, ref_out[-4000:]
+    ref_losses = _losses(ref_out, total)
     assert sorted(ref_losses) == list(range(1, total + 1))
 
-    # the same run, killed with SIGKILL while training iteration 6 (after iter_4.pth was saved)
-    work = tmp_path / 'killed'
-    proc = subprocess.Popen(_train_cmd(work, total), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    seen = ''
-    try:
-        for line in proc.stdout:
-            seen += line
-            if re.search(rf'Iter\(train\) \[\s*5/{total}\]', line):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, seen[-4000:]
-    assert not re.search(rf'Iter\(train\) \[\s*{total}/{total}\]', seen)
-    assert open(work / 'last_checkpoint').read().strip().endswith('iter_4.pth')
-
-    resumed = subprocess.run(_train_cmd(work, total, ['--resume']), cwd=tmp_path, env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert 'resumed epoch: 0, iter: 4' in resumed.stdout
     after = _losses(resumed.stdout, total)
     assert sorted(after) == list(range(5, total + 1))
