@@ -105,7 +105,7 @@ def test_config_settings(name):
 
     # dense prediction: v1 specs run with the DAT++ formulas on the documented key grid
     if info['flavor'] == 'v1':
-        grids = Config.fromfile(osp.join(CONFIG_DIR, '_base_', 'dat_v1_dense.py'))
+        grids = _load('_base_/dat_v1_dense.py')
         key_strides = grids.v1_ade_key_strides if info['task'] in ('upernet', 'fpn') else grids.v1_dense_key_strides
         assert backbone.arch == dict(preset=preset, flavor='pp', key_strides=key_strides)
     else:

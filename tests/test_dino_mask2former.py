@@ -3,6 +3,7 @@ size with the recipes' parameter groups reaching DAT; DAT-T++'s, shrunk to a nan
 the demo's shapes data, train (the loss is finite and falls from the first iteration to the
 second on one fixed batch) and evaluate (COCO bbox mAP, mIoU), for both flavours."""
 import copy
+import functools
 import math
 import os.path as osp
 
@@ -23,9 +24,15 @@ WIDTH = 64  # transformer width of the shrunk heads
 CLASSES = ('circle', 'square', 'triangle')
 
 
-def _load(name: str) -> Config:
+@functools.lru_cache(maxsize=None)
+def _parse(name: str) -> Config:
     import mmdat  # noqa: F401  (`mmdet::` / `mmseg::` bases resolve after it)
     return Config.fromfile(osp.join(REPO, 'configs', f'{name}.py'))
+
+
+def _load(name: str) -> Config:
+    """The config ``configs/<name>.py`` (parsed once; a copy: the tests change it)."""
+    return copy.deepcopy(_parse(name))
 
 
 def _build(cfg: Config):
